@@ -1,0 +1,1 @@
+"""Model patching machinery shared by every method: paths, targets, edits."""

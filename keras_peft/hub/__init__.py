@@ -1,0 +1,1 @@
+"""KerasHub knowledge: which sublayer plays which role in each family."""
