@@ -30,6 +30,22 @@ def layer_attributes(layer):
     return attributes
 
 
+# Keras and TensorFlow bookkeeping lists: the tracked sublayers are updated
+# separately, graph operations through the nodes, and the rest is not used to
+# call sublayers.
+_BOOKKEEPING_ATTRIBUTES = {
+    "_layers",
+    "_tracker",
+    "_modules",
+    "_operations",
+    "_operations_by_depth",
+    "_tracked",
+    "_inbound_nodes",
+    "_outbound_nodes",
+    "_self_unconditional_checkpoint_dependencies",
+}
+
+
 class LayerReferences:
     """Where a parent layer refers to a sublayer."""
 
@@ -47,7 +63,7 @@ def find_references(parent, layer):
     attributes = []
     list_slots = []
     for name, value in layer_attributes(parent).items():
-        if name in ("_layers", "_tracker", "_modules") or name.startswith("_keras_peft"):
+        if name in _BOOKKEEPING_ATTRIBUTES or name.startswith("_keras_peft"):
             continue
         if value is layer:
             attributes.append(name)
@@ -96,7 +112,7 @@ def swap_layer(parent, old, new):
             setattr(parent, name, new)
         for name, i in references.list_slots:
             container = layer_attributes(parent)[name]
-            list.__setitem__(container, i, new)
+            container[i] = new
         if references.nodes:
             for node in references.nodes:
                 node.operation = new

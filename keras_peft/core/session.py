@@ -18,6 +18,7 @@ from keras_peft.errors import UnsavedAdapterError
 from keras_peft.methods.base import Method
 
 _STATE_ATTRIBUTE = "_keras_peft_state"
+_SAVING_METHODS = ("save", "save_to_preset")
 _COMPILED_FUNCTIONS = ("train_function", "test_function", "predict_function", "generate_function")
 
 
@@ -177,13 +178,28 @@ def _install_config_guards(model, state):
                 guarded[id(parent)] = parent
             entry = index.entry_of(parent)
     for layer in guarded.values():
-        object.__setattr__(layer, "get_config", _unsaved_adapter_config(layer, state))
+        raise_error = _unsaved_adapter_config(layer, state)
+        object.__setattr__(layer, "get_config", raise_error)
+        # `save` and `save_to_preset` write files before they ask for the
+        # config; raise before anything is written.
+        if isinstance(layer, keras.Model):
+            for name in _SAVING_METHODS:
+                if hasattr(layer, name):
+                    object.__setattr__(layer, name, _raise_before_saving(raise_error))
     state.guarded_layers = list(guarded.values())
+
+
+def _raise_before_saving(raise_error):
+    def save(*args, **kwargs):
+        raise_error()
+
+    return save
 
 
 def _remove_config_guards(state):
     for layer in state.guarded_layers:
-        vars(layer).pop("get_config", None)
+        for name in ("get_config",) + _SAVING_METHODS:
+            vars(layer).pop(name, None)
     state.guarded_layers = []
 
 

@@ -122,11 +122,6 @@ class LoRADense(keras.layers.Layer):
                 "LoRADense wraps a keras.layers.Dense or keras.layers.EinsumDense. "
                 f"Received: base_layer={base_layer!r} of type {type(base_layer).__name__}"
             )
-        if isinstance(base_layer, LoRADense):
-            raise ValueError(
-                f"Layer {base_layer.name!r} is already a LoRADense; wrap the "
-                "original layer once."
-            )
         check_rank(rank)
         alpha = float(rank) if alpha is None else alpha
         check_alpha(alpha)
@@ -300,9 +295,14 @@ class LoRADense(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        base_config = keras.layers.serialize(self.base_layer)
-        activation = self.activation if self.activation is not None else "linear"
-        base_config["config"]["activation"] = keras.activations.serialize(activation)
+        # Serialise the base layer as it was before wrapping: with its own
+        # activation and trainable.
+        held_activation = self.base_layer.activation
+        self.base_layer.activation = self.activation or keras.activations.linear
+        try:
+            base_config = keras.layers.serialize(self.base_layer)
+        finally:
+            self.base_layer.activation = held_activation
         base_config["config"]["trainable"] = True
         config.update(
             {
