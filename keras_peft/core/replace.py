@@ -47,7 +47,7 @@ _BOOKKEEPING_ATTRIBUTES = {
 
 
 class LayerReferences:
-    """Where a parent layer refers to a sublayer."""
+    """References from a parent layer to one sublayer: attributes, list slots and graph nodes."""
 
     def __init__(self, attributes, list_slots, nodes):
         self.attributes = attributes

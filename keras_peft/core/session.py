@@ -80,7 +80,7 @@ def _check_not_trained(model, function_name):
     # updating frozen weights and torch follows the change. Refuse instead.
     if _optimizer_has_state(model):
         raise RuntimeError(
-            f"Model {model.name!r} has already been trained: its optimizer holds "
+            f"Model {model.name!r} has already been trained: its optimizer has "
             "state for the current trainable variables, and Keras does not follow "
             f"a change of them on every backend. Call model.compile(...) again with "
             f"a new optimizer instance, then keras_peft.{function_name}(...), then fit."
@@ -236,7 +236,7 @@ def apply(model, *methods, train_head=True):
     the task head: for a KerasHub task, the layers outside its backbone (a
     classifier's output layer, for instance), which are also saved with the
     adapter. Call `apply` before `compile`; a model whose optimizer already
-    holds state is rejected, because Keras does not follow a change of
+    has state is rejected, because Keras does not follow a change of
     trainable variables after that on every backend. A model compiled but
     not trained is fine: its traced functions are reset.
 

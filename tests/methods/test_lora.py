@@ -330,3 +330,56 @@ def test_apply_rejects_unbuilt_model():
     model = keras.Sequential([keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="is not built"):
         keras_peft.apply(model, keras_peft.LoRA(targets=[keras.layers.Dense]))
+
+
+def _tiny(name):
+    import keras_hub
+
+    common = {"vocabulary_size": 64, "num_layers": 1, "hidden_dim": 16, "intermediate_dim": 32}
+    builders = {
+        "opt": lambda: keras_hub.models.OPTBackbone(num_heads=2, max_sequence_length=16, **common),
+        "mistral": lambda: keras_hub.models.MistralBackbone(num_query_heads=4, num_key_value_heads=2, **common),
+        "qwen": lambda: keras_hub.models.QwenBackbone(num_query_heads=4, num_key_value_heads=2, **common),
+        "t5": lambda: keras_hub.models.T5Backbone(num_heads=2, **common),
+    }
+    return builders[name]()
+
+
+@pytest.mark.parametrize(
+    "family,expected",
+    [
+        ("opt", ["transformer_layer_0/self_attention/query", "transformer_layer_0/self_attention/value"]),
+        ("mistral", ["transformer_layer_0/self_attention/query", "transformer_layer_0/self_attention/value"]),
+        ("qwen", ["transformer_layer_0/self_attention/query", "transformer_layer_0/self_attention/value"]),
+        (
+            "t5",
+            [
+                "transformer_encoder_layer_0/self_attention/query_projector",
+                "transformer_decoder_layer_0/self_attention/query_projector",
+                "transformer_decoder_layer_0/cross_attention/query_projector",
+                "transformer_encoder_layer_0/self_attention/value_projector",
+                "transformer_decoder_layer_0/self_attention/value_projector",
+                "transformer_decoder_layer_0/cross_attention/value_projector",
+            ],
+        ),
+    ],
+)
+def test_query_value_roles_on_more_families(family, expected):
+    backbone = _tiny(family)
+    report = keras_peft.apply(backbone, keras_peft.LoRA(rank=2))
+    (paths,) = report.adapted_paths.values()
+    assert sorted(paths) == sorted(expected)
+
+
+def test_generate_follows_adapter_updates():
+    # On JAX, generate compiles with the task's tracked variables; adapter
+    # variables must be among them or later assignments would be ignored.
+    model = tiny_models.gpt2_causal_lm()
+    keras_peft.apply(model, keras_peft.LoRA(rank=4, targets=["query", "value", "attention_output"]))
+    model.compile(sampler="greedy")
+    prompt = tiny_models.token_inputs()
+    prompt["padding_mask"][:, 3:] = 0
+    first = to_numpy(model.generate(prompt, max_length=8, stop_token_ids=None))["token_ids"]
+    set_lora_weights(model, seed=8, scale=3.0)
+    second = to_numpy(model.generate(prompt, max_length=8, stop_token_ids=None))["token_ids"]
+    assert not np.array_equal(first, second)
