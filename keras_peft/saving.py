@@ -278,11 +278,13 @@ def load_adapter(model, folder):
                     f"Tensor {key!r} has shape {tuple(tensors[key].shape)} in the adapter file "
                     f"but {shape} in the model (a different rank or size?)."
                 )
+        # Inside the try: an edit may reject tensor values (out-of-range
+        # sparse indices, say), and the rollback then undoes every edit.
+        for edit in new_edits:
+            edit.import_tensors({name: tensors[f"{edit.path}/{name}"] for name in edit.expected_shapes()})
     except BaseException:
         session.rollback(model, applications_before)
         raise
-    for edit in new_edits:
-        edit.import_tensors({name: tensors[f"{edit.path}/{name}"] for name in edit.expected_shapes()})
     for key, variable in head.items():
         variable.assign(tensors[key])
     return report
