@@ -85,8 +85,8 @@ def read_vader_lexicon(path=None):
     of ten human ratings from -4 (most negative) to +4 (most positive), their
     standard deviation and the ratings themselves, separated by tabs. Entries
     that differ only in letter case (the lexicon lists `lol` twice and `:D`
-    beside `:d`) are merged by averaging their means, so that an uncased
-    tokenizer never sees one input with two labels.
+    beside `:d`) are merged by averaging their means, so that no text gets
+    two labels once an uncased tokenizer lowercases it.
     """
     path = vader_lexicon_path() if path is None else path
     sums = {}
