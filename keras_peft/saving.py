@@ -14,6 +14,7 @@ import os
 import tempfile
 
 import keras
+import numpy as np
 import safetensors.numpy
 
 from keras_peft.core import session
@@ -59,9 +60,12 @@ def architecture_of(model):
             + [list(v.shape) for v in index.owned_variables(entry)]
             for entry in index
         }
-    text = json.dumps(config, sort_keys=True)
-    fingerprint = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-    return type(model).__name__, config, fingerprint
+    return type(model).__name__, config, _fingerprint(config)
+
+
+def _fingerprint(architecture):
+    text = json.dumps(architecture, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _config_differences(saved, current, prefix="", limit=8):
@@ -100,6 +104,15 @@ def _tensors_to_save(model, state):
     return tensors
 
 
+def _check_folder_argument(folder, function_name):
+    if not isinstance(folder, (str, os.PathLike)) or os.fspath(folder) in ("", b""):
+        raise TypeError(
+            f"keras_peft.{function_name} needs a folder path (a str or pathlib.Path). "
+            f"Received: folder={folder!r}"
+        )
+    return os.fspath(folder)
+
+
 def save_adapter(model, folder):
     """Write the applied methods and their trained variables to `folder`.
 
@@ -116,7 +129,7 @@ def save_adapter(model, folder):
         The list of saved keys.
     """
     state = session._require_state(model, "save_adapter")
-    folder = os.fspath(folder)
+    folder = _check_folder_argument(folder, "save_adapter")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise FileExistsError(f"Cannot save the adapter to {folder!r}: it is a file, not a folder.")
     if os.path.isdir(folder):
@@ -159,6 +172,9 @@ def save_adapter(model, folder):
             os.close(handle)
             staged.append((temporary, os.path.join(folder, name)))
             write(temporary)
+            # mkstemp creates files readable by the owner only; use the
+            # permissions of an ordinary new file instead.
+            os.chmod(temporary, 0o666 & ~_current_umask())
         for temporary, final in staged:
             os.replace(temporary, final)
     finally:
@@ -166,6 +182,12 @@ def save_adapter(model, folder):
             if os.path.exists(temporary):
                 os.remove(temporary)
     return sorted(tensors)
+
+
+def _current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write_json(config, path):
@@ -176,7 +198,12 @@ def _write_json(config, path):
 
 def read_adapter_config(folder):
     """Read and check `adapter_config.json` of an adapter folder."""
-    folder = os.fspath(folder)
+    folder = _check_folder_argument(folder, "load_adapter")
+    if os.path.isfile(folder):
+        raise NotADirectoryError(
+            f"{folder!r} is a file; pass the adapter folder that keras_peft.save_adapter "
+            "wrote (it contains adapter_config.json and adapter_model.safetensors)."
+        )
     if not os.path.isdir(folder):
         raise FileNotFoundError(
             f"Adapter folder {folder!r} does not exist. Pass the folder that "
@@ -200,6 +227,17 @@ def read_adapter_config(folder):
     for key in ("base_model", "methods"):
         if key not in config:
             raise AdapterFileError(f"{path!r} has no {key!r} entry; the file is incomplete.")
+    if not isinstance(config["methods"], list) or not config["methods"]:
+        raise AdapterFileError(f"{path!r} lists no methods; the file is incomplete or was edited.")
+    base_model = config["base_model"]
+    if not isinstance(base_model, dict) or "architecture" not in base_model:
+        raise AdapterFileError(f"{path!r} has no base model architecture; the file is incomplete.")
+    recorded = _fingerprint(base_model["architecture"])
+    if recorded != base_model.get("fingerprint"):
+        raise AdapterFileError(
+            f"{path!r} is inconsistent: its architecture hashes to {recorded}, but its "
+            f"fingerprint says {base_model.get('fingerprint')}. The file was edited or damaged."
+        )
     return config
 
 
@@ -232,6 +270,21 @@ def _check_architecture(model, config):
         )
 
 
+def _check_tensor_values(key, array):
+    """Reject tensors that no trained float variable can hold."""
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)):
+            raise AdapterFileError(
+                f"Tensor {key!r} in the adapter file contains NaN or infinite values; "
+                "the adapter is damaged or its training diverged."
+            )
+    elif not key.endswith("_indices"):
+        raise AdapterFileError(
+            f"Tensor {key!r} in the adapter file has dtype {array.dtype}, but adapter "
+            "weights are floating point; the file was edited or damaged."
+        )
+
+
 def load_adapter(model, folder):
     """Apply the methods recorded in `folder` to `model` and load their weights.
 
@@ -255,7 +308,10 @@ def load_adapter(model, folder):
 
     state_before = session.get_state(model)
     applications_before = 0 if state_before is None else len(state_before.applications)
-    report = session.apply(model, *methods, train_head=config.get("train_head", True))
+    train_head = config.get("train_head", True)
+    if not isinstance(train_head, bool):
+        raise AdapterFileError(f"The adapter config has an invalid train_head value {train_head!r}.")
+    report = session.apply_methods(model, methods, train_head=train_head, function_name="load_adapter")
     try:
         state = session.get_state(model)
         new_edits = [edit for a in state.applications[applications_before:] for edit in a.edits]
@@ -278,6 +334,7 @@ def load_adapter(model, folder):
                     f"Tensor {key!r} has shape {tuple(tensors[key].shape)} in the adapter file "
                     f"but {shape} in the model (a different rank or size?)."
                 )
+            _check_tensor_values(key, tensors[key])
         # Inside the try: an edit may reject tensor values (out-of-range
         # sparse indices, say), and the rollback then undoes every edit.
         for edit in new_edits:

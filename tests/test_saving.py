@@ -20,7 +20,7 @@ def model_state(model):
 
 def copy_base_weights(source, target):
     """Give `target` the base weights of `source`, as from_preset would."""
-    base = [v for v in source.weights if "lora_kernel" not in v.path]
+    base = [v for v in source.weights if "/lora_" not in v.path]
     for target_variable, source_variable in zip(target.weights, base):
         assert tuple(target_variable.shape) == tuple(source_variable.shape)
         target_variable.assign(source_variable)
@@ -84,7 +84,7 @@ def test_save_overwrites_adapter_but_not_other_files(trained_classifier, tmp_pat
 
 
 def test_save_without_apply(tmp_path):
-    with pytest.raises(ValueError, match="has no keras_peft methods applied"):
+    with pytest.raises(ValueError, match="needs a model with keras_peft methods applied"):
         keras_peft.save_adapter(tiny_models.bert_classifier(), tmp_path)
 
 
@@ -219,3 +219,80 @@ def test_causal_lm_round_trip(tmp_path):
     report = keras_peft.load_adapter(fresh, tmp_path)
     assert report.head_paths == []
     np.testing.assert_allclose(to_numpy(fresh(x)), expected, atol=1e-5)
+
+
+def _rewrite_tensor(folder, key, transform):
+    import safetensors.numpy
+
+    path = str(folder / "adapter_model.safetensors")
+    tensors = safetensors.numpy.load_file(path)
+    tensors[key] = transform(tensors[key])
+    safetensors.numpy.save_file(tensors, path)
+
+
+@pytest.mark.parametrize(
+    "transform,fragment",
+    [
+        (lambda a: (a * 100).astype("int32"), "has dtype int32"),
+        (lambda a: np.full_like(a, np.nan), "NaN or infinite"),
+        (lambda a: np.full_like(a, np.inf), "NaN or infinite"),
+    ],
+)
+def test_damaged_tensor_values(trained_classifier, tmp_path, transform, fragment):
+    keras_peft.save_adapter(trained_classifier, tmp_path)
+    _rewrite_tensor(tmp_path, "logits/kernel", transform)
+    fresh = tiny_models.bert_classifier()
+    before = model_state(fresh)
+    with pytest.raises(keras_peft.AdapterFileError, match=fragment):
+        keras_peft.load_adapter(fresh, tmp_path)
+    assert model_state(fresh) == before
+
+
+def test_edited_architecture_is_detected(trained_classifier, tmp_path):
+    keras_peft.save_adapter(trained_classifier, tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model"]["architecture"]["backbone"]["config"]["hidden_dim"] = 16
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(keras_peft.AdapterFileError, match="was edited or damaged"):
+        keras_peft.load_adapter(tiny_models.bert_classifier(), tmp_path)
+
+
+def test_config_without_methods(trained_classifier, tmp_path):
+    keras_peft.save_adapter(trained_classifier, tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["methods"] = []
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(keras_peft.AdapterFileError, match="lists no methods"):
+        keras_peft.load_adapter(tiny_models.bert_classifier(), tmp_path)
+
+
+def test_folder_argument_checks(trained_classifier, tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        keras_peft.load_adapter(tiny_models.bert_classifier(), tmp_path / "file.txt")
+    for folder in (None, "", 3):
+        with pytest.raises(TypeError, match="needs a folder path"):
+            keras_peft.save_adapter(trained_classifier, folder)
+        with pytest.raises(TypeError, match="needs a folder path"):
+            keras_peft.load_adapter(tiny_models.bert_classifier(), folder)
+
+
+def test_load_into_trained_model_names_load_adapter(trained_classifier, tmp_path):
+    keras_peft.save_adapter(trained_classifier, tmp_path)
+    fresh = tiny_models.bert_classifier()
+    fresh.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    fresh.fit(tiny_models.token_inputs(segment_ids=True), np.array([0, 1]), verbose=0)
+    with pytest.raises(RuntimeError, match=r"then keras_peft.load_adapter\(...\)"):
+        keras_peft.load_adapter(fresh, tmp_path)
+
+
+def test_saved_files_use_umask_permissions(trained_classifier, tmp_path):
+    mask = os.umask(0o022)
+    try:
+        keras_peft.save_adapter(trained_classifier, tmp_path)
+    finally:
+        os.umask(mask)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644

@@ -75,6 +75,7 @@ def _optimizer_has_state(model):
 
 
 def _check_not_trained(model, function_name):
+    """Raise unless the model's optimizer is still unbuilt."""
     # Keras 3.15 does not follow a change of trainable variables once the
     # optimizer is built: JAX raises at the next step, TensorFlow keeps
     # updating frozen weights and torch follows the change. Refuse instead.
@@ -110,12 +111,15 @@ def task_head_entries(model, index):
     if backbone_entry is None:
         return []
     prefix = backbone_entry.path + "/"
+    # A head layer that a method wrapped (LoRA on the output layer, say) is
+    # trained through the method's own variables, so it is not listed here.
     return [
         entry
         for entry in index
         if entry.layer is not backbone
         and not entry.path.startswith(prefix)
         and index.owned_variables(entry)
+        and not getattr(entry.layer, "_keras_peft_wrapper", False)
         and not getattr(entry.parent, "_keras_peft_wrapper", False)
     ]
 
@@ -249,7 +253,14 @@ def apply(model, *methods, train_head=True):
     Returns:
         A `Report` of the adapted paths and trainable parameter counts.
     """
-    check_model(model, "apply")
+    return apply_methods(model, methods, train_head=train_head, function_name="apply")
+
+
+def apply_methods(model, methods, train_head, function_name):
+    """Apply `methods`; `function_name` is the public function named in errors."""
+    check_model(model, function_name)
+    if not isinstance(train_head, bool):
+        raise TypeError(f"`train_head` must be True or False. Received: train_head={train_head!r}")
     if not methods:
         raise ValueError("keras_peft.apply needs at least one method, e.g. keras_peft.LoRA(rank=8).")
     for method in methods:
@@ -258,7 +269,7 @@ def apply(model, *methods, train_head=True):
                 "keras_peft.apply takes method objects such as keras_peft.LoRA(rank=8). "
                 f"Received: {method!r} of type {type(method).__name__}"
             )
-    _check_not_trained(model, "apply")
+    _check_not_trained(model, function_name)
 
     state = get_state(model)
     index = LayerIndex(model)
@@ -336,8 +347,8 @@ def _require_state(model, function_name):
     state = get_state(model)
     if state is None:
         raise ValueError(
-            f"Model {model.name!r} has no keras_peft methods applied, so there is "
-            f"nothing to {function_name}. Call keras_peft.apply(model, method) first."
+            f"keras_peft.{function_name} needs a model with keras_peft methods applied, "
+            f"but model {model.name!r} has none. Call keras_peft.apply(model, method) first."
         )
     return state
 

@@ -139,7 +139,11 @@ def match_targets(index, targets, exclude=(), skip=None):
 
 def no_match_message(target, index, method_name, limit=12):
     """Build the error message for a target that matched nothing."""
-    weighted = [e.path for e in index if index.owned_variables(e)]
+    weighted = [
+        e.path
+        for e in index
+        if index.owned_variables(e) and not getattr(e.parent, "_keras_peft_wrapper", False)
+    ]
     shown = weighted[:limit]
     more = "" if len(weighted) <= limit else f" ... ({len(weighted) - limit} more)"
     hint = ""

@@ -35,12 +35,26 @@ def _einsum_plan(equation):
     middle_spec = "".join(c for c in input_spec if c not in contracted) + rank_letter
     a_spec = "".join(contracted) + rank_letter
     b_spec = rank_letter + "".join(produced)
+    contracted_spec = "".join(contracted)
+    produced_spec = "".join(produced)
+    # A "flat" equation contracts the trailing input axes and appends the
+    # produced axes in kernel order, as every KerasHub q/k/v/o projection
+    # does. Then x·A and (x·A)·B are plain matrix products on the flattened
+    # trailing axes, and eager backends run those with fewer ops than einsum.
+    flat = (
+        bool(contracted_spec)
+        and bool(produced_spec)
+        and input_spec.endswith(contracted_spec)
+        and output_spec.endswith(produced_spec)
+        and input_spec[: -len(contracted_spec)] == output_spec[: -len(produced_spec)]
+    )
     return {
         "down": f"{input_spec},{a_spec}->{middle_spec}",
         "up": f"{middle_spec},{b_spec}->{output_spec}",
         "delta": f"{a_spec},{b_spec}->{kernel_spec}",
         "a_axes": [kernel_spec.index(c) for c in contracted],
         "b_axes": [kernel_spec.index(c) for c in produced],
+        "flat": flat,
     }
 
 
@@ -73,7 +87,8 @@ class LoRADense(keras.layers.Layer):
     Args:
         base_layer: a `keras.layers.Dense` or `keras.layers.EinsumDense`.
             Its variables are frozen (`trainable=False`).
-        rank: int > 0, the rank r of the update. Defaults to `8`.
+        rank: int > 0, the rank r of the update, at most the smaller of the
+            kernel's input and output sizes. Defaults to `8`.
         alpha: float > 0; the update is scaled by `alpha / rank`. Defaults
             to `None`, which means `alpha = rank` (scale 1).
         dropout: float in [0, 1), dropout applied to the input of the LoRA
@@ -136,7 +151,6 @@ class LoRADense(keras.layers.Layer):
         self.dropout = float(dropout)
         self.lora_a_initializer = keras.initializers.get(lora_a_initializer)
         self.lora_b_initializer = keras.initializers.get(lora_b_initializer)
-        self.merged = False
 
         if isinstance(base_layer, keras.layers.EinsumDense):
             self._plan = _einsum_plan(base_layer.equation)
@@ -182,6 +196,13 @@ class LoRADense(keras.layers.Layer):
         if self.dropout_layer is not None:
             self.dropout_layer.build(input_shape)
         a_shape, b_shape = self._factor_shapes()
+        if self.rank > min(a_shape[0], b_shape[1]):
+            raise ValueError(
+                f"`rank` must be at most min(inputs, outputs) = "
+                f"{min(a_shape[0], b_shape[1])} for layer {self.name!r}, whose kernel "
+                f"maps {a_shape[0]} values to {b_shape[1]}; a larger rank adds "
+                f"parameters without adding expressiveness. Received: rank={self.rank}"
+            )
         self.lora_kernel_a = self.add_weight(
             name="lora_kernel_a",
             shape=a_shape,
@@ -191,6 +212,16 @@ class LoRADense(keras.layers.Layer):
             name="lora_kernel_b",
             shape=b_shape,
             initializer=self.lora_b_initializer,
+        )
+        # 1.0 once the update is folded into the kernel. A variable rather than
+        # a Python flag, so functions that were traced before `merge` (such as
+        # a model's compiled predict step) follow the change.
+        self.lora_merged = self.add_weight(
+            name="lora_merged",
+            shape=(),
+            initializer="zeros",
+            trainable=False,
+            dtype="float32",
         )
         self.built = True
 
@@ -207,23 +238,29 @@ class LoRADense(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         outputs = self.base_layer(inputs)
-        if not self.merged:
-            x = inputs
-            if self.dropout_layer is not None:
-                x = self.dropout_layer(x, training=training)
-            a, b = self._factors()
-            a = ops.cast(a, self.compute_dtype)
-            b = ops.cast(b, self.compute_dtype)
-            if self._plan is None:
-                low = ops.matmul(x, a)
-                delta = ops.matmul(low * self.scaling, b)
-            else:
-                low = ops.einsum(self._plan["down"], x, a)
-                delta = ops.einsum(self._plan["up"], low * self.scaling, b)
-            outputs = outputs + ops.cast(delta, outputs.dtype)
+        x = inputs
+        if self.dropout_layer is not None:
+            x = self.dropout_layer(x, training=training)
+        a, b = self._factors()
+        a = ops.cast(a, self.compute_dtype)
+        b = ops.cast(b, self.compute_dtype)
+        # After `merge` the kernel already holds the update, so it is scaled by 0.
+        scale = ops.cast(self.scaling * (1.0 - self.lora_merged), self.compute_dtype)
+        if self._plan is None:
+            low = ops.matmul(x, a)
+            delta = ops.matmul(low * scale, b)
+        else:
+            low = ops.einsum(self._plan["down"], x, a)
+            delta = ops.einsum(self._plan["up"], low * scale, b)
+        outputs = outputs + ops.cast(delta, outputs.dtype)
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
+
+    @property
+    def merged(self):
+        """Whether the update is currently folded into the base kernel."""
+        return bool(ops.convert_to_numpy(self.lora_merged) > 0.5)
 
     def get_build_config(self):
         return {"base_layer": self.base_layer.get_build_config()}
@@ -255,12 +292,13 @@ class LoRADense(keras.layers.Layer):
             )
 
     def merge(self):
-        """Add the update to the base kernel and stop computing the LoRA path.
+        """Add the update to the base kernel and scale the LoRA path to zero.
 
-        Raises `ValueError` without changing the kernel when the update has
-        non-finite entries. Merging changes what `call` computes, so
-        functions that a model compiled earlier must be rebuilt;
-        `keras_peft.merge` does that for a whole model.
+        The output stays the same; compiled functions follow the change
+        because the merged state is a variable. The low-rank path is still
+        computed (times zero): for deployment, `keras_peft.merge(model)` puts
+        the plain layers back instead. Raises `ValueError` without changing
+        the kernel when the update has non-finite entries.
         """
         if self.merged:
             return
@@ -273,7 +311,7 @@ class LoRADense(keras.layers.Layer):
             )
         kernel = self.base_layer.kernel
         kernel.assign(kernel + delta)
-        self.merged = True
+        self.lora_merged.assign(1.0)
 
     def unmerge(self):
         """Subtract the update from the base kernel and compute it separately again."""
@@ -281,7 +319,7 @@ class LoRADense(keras.layers.Layer):
             return
         kernel = self.base_layer.kernel
         kernel.assign(kernel - self.delta_kernel())
-        self.merged = False
+        self.lora_merged.assign(0.0)
 
     def release_base_layer(self):
         """Return the base layer with its activation given back.
@@ -312,7 +350,6 @@ class LoRADense(keras.layers.Layer):
                 "dropout": self.dropout,
                 "lora_a_initializer": keras.initializers.serialize(self.lora_a_initializer),
                 "lora_b_initializer": keras.initializers.serialize(self.lora_b_initializer),
-                "merged": self.merged,
             }
         )
         return config
@@ -321,7 +358,4 @@ class LoRADense(keras.layers.Layer):
     def from_config(cls, config):
         config = dict(config)
         base_layer = keras.layers.deserialize(config.pop("base_layer"))
-        merged = config.pop("merged", False)
-        layer = cls(base_layer, **config)
-        layer.merged = merged
-        return layer
+        return cls(base_layer, **config)

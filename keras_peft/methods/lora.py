@@ -91,6 +91,14 @@ class LoRA(Method):
         planned = set()
         for target, entries in matches.items():
             if not entries:
+                unfiltered = match_targets(index, [target], skip=lambda e: inside_wrapper(index, e))[target]
+                if unfiltered and self.exclude:
+                    raise ValueError(
+                        f"LoRA target {describe_target(target)} matched "
+                        f"{len(unfiltered)} layer(s), but `exclude` removed all of them "
+                        f"(for example {unfiltered[0].path!r}). Drop the target or narrow "
+                        f"`exclude`. Received: exclude={list(self.exclude)!r}"
+                    )
                 raise ValueError(no_match_message(target, index, "LoRA"))
             for entry in entries:
                 if id(entry.layer) in planned:
@@ -106,6 +114,12 @@ class LoRA(Method):
             raise ValueError(
                 f"Layer {entry.path!r} already has LoRA. Call keras_peft.remove(model) "
                 "or keras_peft.merge(model) before applying LoRA to it again."
+            )
+        if getattr(layer, "_keras_peft_wrapper", False):
+            raise ValueError(
+                f"Layer {entry.path!r} is already wrapped by another keras_peft method "
+                f"({type(layer).__name__}); one layer takes one wrapper. Exclude the "
+                "path, or call keras_peft.remove(model) first."
             )
         if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
             raise TypeError(

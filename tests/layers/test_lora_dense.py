@@ -241,3 +241,24 @@ def test_failed_construction_leaves_base_unchanged():
         LoRADense(base, rank=0)
     assert base.activation is keras.activations.relu
     assert base.trainable
+
+
+def test_merge_after_compiled_predict():
+    # The merged state is a variable, so a predict function traced before
+    # merge() must not add the update a second time.
+    inputs = keras.Input((5,))
+    layer = LoRADense(keras.layers.Dense(3), rank=2)
+    model = keras.Model(inputs, layer(inputs))
+    randomize(layer, seed=12)
+    x = np.random.default_rng(13).normal(size=(4, 5)).astype("float32")
+    before = model.predict(x, verbose=0)
+    layer.merge()
+    np.testing.assert_allclose(model.predict(x, verbose=0), before, atol=ATOL)
+    layer.unmerge()
+    np.testing.assert_allclose(model.predict(x, verbose=0), before, atol=ATOL)
+
+
+def test_rank_larger_than_layer():
+    base = dense_base()  # 5 inputs, 6 outputs
+    with pytest.raises(ValueError, match=r"`rank` must be at most min\(inputs, outputs\) = 5"):
+        LoRADense(base, rank=6)

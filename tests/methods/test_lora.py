@@ -310,9 +310,9 @@ def test_two_methods_on_same_path_in_one_call():
 
 def test_merge_and_remove_without_apply():
     model = tiny_models.gpt2_causal_lm()
-    with pytest.raises(ValueError, match="has no keras_peft methods applied"):
+    with pytest.raises(ValueError, match="needs a model with keras_peft methods applied"):
         keras_peft.merge(model)
-    with pytest.raises(ValueError, match="has no keras_peft methods applied"):
+    with pytest.raises(ValueError, match="needs a model with keras_peft methods applied"):
         keras_peft.remove(model)
 
 
@@ -383,3 +383,39 @@ def test_generate_follows_adapter_updates():
     set_lora_weights(model, seed=8, scale=3.0)
     second = to_numpy(model.generate(prompt, max_length=8, stop_token_ids=None))["token_ids"]
     assert not np.array_equal(first, second)
+
+
+def test_rank_too_large_for_target_leaves_model():
+    model = tiny_models.gpt2_causal_lm()
+    state = model_state(model)
+    with pytest.raises(ValueError, match="`rank` must be at most"):
+        keras_peft.apply(model, keras_peft.LoRA(rank=100))
+    assert model_state(model) == state
+
+
+def test_exclude_removing_every_match():
+    model = tiny_models.bert_classifier()
+    with pytest.raises(ValueError, match="`exclude` removed all of them"):
+        keras_peft.apply(model, keras_peft.LoRA(exclude=["value"]))
+
+
+@pytest.mark.parametrize("train_head", ["no", None, 1])
+def test_invalid_train_head(train_head):
+    model = tiny_models.bert_classifier()
+    with pytest.raises(TypeError, match="`train_head` must be True or False"):
+        keras_peft.apply(model, keras_peft.LoRA(), train_head=train_head)
+
+
+def test_lora_on_head_is_not_reported_as_trainable_head():
+    model = tiny_models.bert_classifier()
+    report = keras_peft.apply(model, keras_peft.LoRA(rank=2, targets=["logits"]))
+    assert report.head_paths == []
+    assert sorted(v.name for v in model.trainable_weights) == ["lora_kernel_a", "lora_kernel_b"]
+
+
+def test_no_match_listing_skips_wrapped_layers():
+    model = tiny_models.gpt2_causal_lm()
+    keras_peft.apply(model, keras_peft.LoRA(rank=2))
+    with pytest.raises(ValueError, match="matched no layer") as error:
+        keras_peft.apply(model, keras_peft.LoRA(targets=["nothing_here"]))
+    assert "query/query" not in str(error.value)
