@@ -202,7 +202,23 @@ class DiffEdit(Edit):
                     f"The sparse difference {self.path}/{name}_diff_indices has indices "
                     f"outside a tensor of shape {shape}; the adapter file is corrupted."
                 )
+            if indices.size > 1 and not np.all(np.diff(indices.astype(np.int64)) > 0):
+                raise AdapterFileError(
+                    f"The sparse difference {self.path}/{name}_diff_indices is not strictly "
+                    "ascending (repeated or unordered indices); the adapter file is corrupted."
+                )
             differences[name] = densify(indices, tensors[f"{name}_diff_values"], shape)
+        for name, difference in differences.items():
+            flat = np.asarray(difference, np.float64).ravel()
+            distance = np.abs(flat).max(initial=0.0) if self.norm == "linf" else np.sqrt(np.sum(flat**2))
+            # W - W_0 recomputed in float32 can exceed epsilon by rounding; 1%
+            # leaves room for that and still catches edited files.
+            if distance > self.epsilon * 1.01 + 1e-5:
+                raise AdapterFileError(
+                    f"The difference {self.path}/{name} has {self.norm} norm {distance:.6g}, "
+                    f"above the method's epsilon {self.epsilon:g}, so no training with this "
+                    "configuration produced it; the adapter file was edited or damaged."
+                )
         for name, variable in self.variables.items():
             reference = variable_to_numpy(self.references[name])
             variable.assign(reference + differences[name].astype(reference.dtype))

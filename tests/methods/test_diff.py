@@ -283,6 +283,42 @@ def test_corrupted_sparse_indices_are_rejected(tmp_path):
     assert model_state(fresh) == before
 
 
+def test_repeated_sparse_indices_are_rejected(tmp_path):
+    tuned, fresh = classifier_pair()
+    report = keras_peft.apply(tuned, keras_peft.DiffTuning(epsilon=EPSILON, save_density=0.5))
+    move_inside_ball(diff_variables(tuned, report), "l2")
+    keras_peft.save_adapter(tuned, tmp_path / "sparse")
+    path = str(tmp_path / "sparse" / "adapter_model.safetensors")
+    tensors = safetensors.numpy.load_file(path)
+    key = next(k for k in tensors if k.endswith("_diff_indices") and tensors[k].size > 1)
+    tensors[key] = np.zeros_like(tensors[key])
+    safetensors.numpy.save_file(tensors, path)
+    before = model_state(fresh)
+
+    with pytest.raises(AdapterFileError, match="not strictly ascending"):
+        keras_peft.load_adapter(fresh, tmp_path / "sparse")
+
+    assert model_state(fresh) == before
+
+
+def test_difference_beyond_epsilon_is_rejected(tmp_path):
+    tuned, fresh = classifier_pair()
+    report = keras_peft.apply(tuned, keras_peft.DiffTuning(epsilon=EPSILON))
+    move_inside_ball(diff_variables(tuned, report), "l2")
+    keras_peft.save_adapter(tuned, tmp_path / "dense")
+    path = str(tmp_path / "dense" / "adapter_model.safetensors")
+    tensors = safetensors.numpy.load_file(path)
+    key = next(k for k in tensors if k.endswith("_diff"))
+    tensors[key] = tensors[key] * np.float32(1000)
+    safetensors.numpy.save_file(tensors, path)
+    before = model_state(fresh)
+
+    with pytest.raises(AdapterFileError, match="above the method's epsilon"):
+        keras_peft.load_adapter(fresh, tmp_path / "dense")
+
+    assert model_state(fresh) == before
+
+
 def test_merge_leaves_plain_weights():
     model = tiny_models.bert_classifier()
     x = tiny_models.token_inputs(segment_ids=True)
