@@ -241,14 +241,24 @@ class LoRADense(keras.layers.Layer):
         x = inputs
         if self.dropout_layer is not None:
             x = self.dropout_layer(x, training=training)
-        a, b = self._factors()
+        flat = self._plan is None or self._plan["flat"]
+        if flat:
+            a, b = self.lora_kernel_a, self.lora_kernel_b
+        else:
+            a, b = self._factors()
         a = ops.cast(a, self.compute_dtype)
         b = ops.cast(b, self.compute_dtype)
         # After `merge` the kernel already holds the update, so it is scaled by 0.
         scale = ops.cast(self.scaling * (1.0 - self.lora_merged), self.compute_dtype)
-        if self._plan is None:
+        if flat:
+            contracted_axes = 1 if self._plan is None else len(self._plan["a_axes"])
+            if contracted_axes > 1:
+                input_size = self.lora_kernel_a.shape[0]
+                x = ops.reshape(x, tuple(ops.shape(x)[:-contracted_axes]) + (input_size,))
             low = ops.matmul(x, a)
             delta = ops.matmul(low * scale, b)
+            if self._plan is not None:
+                delta = ops.reshape(delta, ops.shape(outputs))
         else:
             low = ops.einsum(self._plan["down"], x, a)
             delta = ops.einsum(self._plan["up"], low * scale, b)

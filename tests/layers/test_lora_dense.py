@@ -262,3 +262,25 @@ def test_rank_larger_than_layer():
     base = dense_base()  # 5 inputs, 6 outputs
     with pytest.raises(ValueError, match=r"`rank` must be at most min\(inputs, outputs\) = 5"):
         LoRADense(base, rank=6)
+
+
+def test_einsum_with_reordered_output_axes():
+    # The output lists the kernel's produced axes in another order (e before d),
+    # so the layer cannot use plain matrix products and falls back to einsum.
+    base = keras.layers.EinsumDense("abc,cde->abed", output_shape=(None, 4, 3), bias_axes="ed")
+    base.build((None, None, 5))
+    layer = LoRADense(base, rank=2, alpha=4)
+    assert not layer._plan["flat"]
+    randomize(layer, seed=14)
+    x = np.random.default_rng(15).normal(size=(2, 7, 5)).astype("float32")
+    kernel = to_numpy(base.kernel)  # (5, 3, 4)
+    delta = (to_numpy(layer.lora_kernel_a) @ to_numpy(layer.lora_kernel_b)).reshape(5, 3, 4) * 2.0
+    expected = np.einsum("abc,cde->abed", x, kernel + delta) + to_numpy(base.bias)
+    np.testing.assert_allclose(to_numpy(layer(x)), expected, atol=ATOL)
+    layer.merge()
+    np.testing.assert_allclose(to_numpy(layer(x)), expected, atol=ATOL)
+
+
+def test_flat_plan_for_kerashub_projections():
+    assert LoRADense(einsum_base(), rank=2)._plan["flat"]
+    assert LoRADense(einsum_output_base(), rank=2)._plan["flat"]

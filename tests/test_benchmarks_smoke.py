@@ -1,0 +1,118 @@
+"""Smoke test of the benchmark harness on its tiny GPT-2 shape.
+
+It runs the training and inference workers in this process for one step
+and renders the report from their results. Nothing here checks a time:
+the harness only has to run end to end and count parameters correctly.
+"""
+
+import pathlib
+import sys
+
+import keras
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import inference  # noqa: E402
+import report  # noqa: E402
+import training  # noqa: E402
+import workloads  # noqa: E402
+
+TINY = workloads.GPT2_SIZES["tiny"]
+
+
+def _train(method):
+    backend = keras.backend.backend()
+    config = {
+        "kind": "train",
+        "workload": "tiny",
+        "variant": backend,
+        "backend": backend,
+        "jit_compile": "auto",
+        "method": method,
+        "batch_size": 2,
+        "fit_steps": 2,
+        "warmup_steps": 0,
+        "steps": 1,
+        "rounds": 1,
+    }
+    return config, training.run(config)
+
+
+def _record(config, result):
+    return {"config": config, "round": 0, "result": dict(result, ok=True), "wall_seconds": 0.0}
+
+
+def test_harness_end_to_end():
+    lora_config, lora = _train("lora")
+    limit_config, limit = _train("limit")
+
+    # LoRA of rank 8 on query and value: 2 projections · 8 · (d + d) per block.
+    assert lora["trainable_parameters"] == TINY["num_layers"] * 2 * 8 * (2 * TINY["hidden_dim"])
+    # The limit trains the first block's query and value biases (d each).
+    assert limit["trainable_parameters"] == 2 * TINY["hidden_dim"]
+    assert len(lora["step_seconds"]) == 1
+    assert lora["peak_rss_mb"] > 0
+    assert lora["train_step_calls_in_fit"] >= 1
+
+    backend = keras.backend.backend()
+    infer_config = {
+        "kind": "infer",
+        "workload": "tiny",
+        "variant": backend,
+        "backend": backend,
+        "jit_compile": "auto",
+        "batch_size": 2,
+        "methods": [],
+        "rounds": 1,
+        "warmup_steps": 1,
+        "forward_calls": 1,
+        # generate() compiles one more function per variant; leave it out to stay fast.
+        "generate_calls": 0,
+    }
+    infer = inference.run(infer_config)
+    assert set(infer["forward_seconds"]) == {"base", "lora", "lora_merged"}
+    assert infer["generate_seconds"] == {}
+
+    data = {
+        "command": "pytest",
+        "started": "2000-01-01T00:00:00+00:00",
+        "wall_seconds": 0.0,
+        "load_average_before": [0.0, 0.0, 0.0],
+        "load_average_after": [0.0, 0.0, 0.0],
+        "machine": report.machine_info(),
+        "versions": report.versions(),
+        "settings": {
+            "method_names": ["lora", "limit"],
+            "repetitions": {"tiny": {"rounds": 1, "fit_steps": 2, "warmup_steps": 0, "steps": 1}},
+            "batch_sizes": {"tiny": 2},
+            "threads": None,
+            "tf_jit": "auto",
+            "quick": True,
+        },
+        "records": [_record(lora_config, lora), _record(limit_config, limit), _record(infer_config, infer)],
+    }
+    text = report.render(data)
+    assert f"| {backend} | lora | {lora['trainable_parameters']:,} |" in text
+    assert "LoRA step ÷ limit step ≤ 1.05" in text
+    assert "merged LoRA forward ÷ base forward ≤ 1.02" in text
+    assert "## Failed configurations" not in text
+
+
+@pytest.mark.parametrize("existing", [None, "intro\n\n{generated}\n\nanalysis\n"])
+def test_write_docs_keeps_text_outside_markers(tmp_path, existing):
+    path = tmp_path / "benchmarks.md"
+    old = report.BEGIN + "\nold figures\n" + report.END
+    if existing is not None:
+        path.write_text(existing.format(generated=old))
+    new = report.BEGIN + "\nnew figures\n" + report.END
+
+    report.write_docs(path, new)
+
+    text = path.read_text()
+    assert "new figures" in text
+    assert "old figures" not in text
+    if existing is not None:
+        assert text.startswith("intro\n\n")
+        assert text.endswith("\n\nanalysis\n")
