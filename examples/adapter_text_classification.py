@@ -33,14 +33,14 @@ import time
 
 import keras
 import keras_hub
-import numpy as np
-import tensorflow as tf
 
 import keras_peft
 from _data import load_tsv
 from _data import load_vader
 from _data import minilm_folder
 from _data import subsample
+from _training import shuffled_batches
+from _training import tokenize
 
 REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BANKING77 = os.path.join(REPOSITORY_ROOT, "..", "shared", "data", "banking77")
@@ -160,18 +160,6 @@ def load_data(arguments):
     return train, test, description
 
 
-def tokenize(texts, folder, sequence_length):
-    """Tokenize once for both runs: `{token_ids, segment_ids, padding_mask}` as NumPy arrays."""
-    tokenizer = keras_hub.models.BertTokenizer.from_preset(folder)
-    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(tokenizer, sequence_length=sequence_length)
-    features = {}
-    for start in range(0, len(texts), 1024):
-        batch = preprocessor(texts[start : start + 1024])
-        for key, value in batch.items():
-            features.setdefault(key, []).append(keras.ops.convert_to_numpy(value))
-    return {key: np.concatenate(parts) for key, parts in features.items()}
-
-
 def build_classifier(folder, num_classes):
     """Return a `BertTextClassifier` on the pretrained encoder with a new head, taking token ids."""
     backbone = keras_hub.models.BertBackbone.from_preset(folder)
@@ -179,14 +167,8 @@ def build_classifier(folder, num_classes):
 
 
 def training_batches(train, arguments):
-    """Return a `tf.data.Dataset` of `(features, labels)` batches, reshuffled every epoch.
-
-    KerasHub 0.32 tasks turn NumPy input to `fit` into a `tf.data` pipeline
-    without shuffling (on every backend), so the shuffle happens here.
-    """
-    dataset = tf.data.Dataset.from_tensor_slices((train["features"], train["labels"]))
-    dataset = dataset.shuffle(len(train["labels"]), seed=arguments.seed, reshuffle_each_iteration=True)
-    return dataset.batch(arguments.batch_size)
+    """Return shuffled `(features, labels)` batches of the tokenized training set."""
+    return shuffled_batches(train["features"], train["labels"], arguments.batch_size, arguments.seed)
 
 
 def train_and_evaluate(name, method, folder, train, test, arguments):

@@ -40,7 +40,6 @@ import time
 import keras
 import keras_hub
 import numpy as np
-import tensorflow as tf
 
 import keras_peft
 from _data import load_tsv
@@ -48,6 +47,8 @@ from _data import load_vader
 from _data import minilm_folder
 from _data import split
 from _data import subsample
+from _training import shuffled_batches
+from _training import tokenize
 from keras_peft.methods.diff import diff_statistics
 
 
@@ -158,18 +159,6 @@ def load_data(arguments):
     return train, test, description
 
 
-def tokenize(texts, folder, sequence_length):
-    """Tokenize once for all runs: `{token_ids, segment_ids, padding_mask}` as NumPy arrays."""
-    tokenizer = keras_hub.models.BertTokenizer.from_preset(folder)
-    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(tokenizer, sequence_length=sequence_length)
-    features = {}
-    for start in range(0, len(texts), 1024):
-        batch = preprocessor(texts[start : start + 1024])
-        for key, value in batch.items():
-            features.setdefault(key, []).append(keras.ops.convert_to_numpy(value))
-    return {key: np.concatenate(parts) for key, parts in features.items()}
-
-
 def build_classifier(folder, num_classes, seed):
     """Return a `BertTextClassifier` on the pretrained encoder with a new head, taking token ids."""
     keras.utils.set_random_seed(seed)
@@ -178,14 +167,8 @@ def build_classifier(folder, num_classes, seed):
 
 
 def training_batches(train, arguments):
-    """Return a `tf.data.Dataset` of `(features, labels)` batches, reshuffled every epoch.
-
-    KerasHub 0.32 tasks do not shuffle NumPy input to `fit`, so the shuffle
-    happens here.
-    """
-    dataset = tf.data.Dataset.from_tensor_slices((train["features"], train["labels"]))
-    dataset = dataset.shuffle(len(train["labels"]), seed=arguments.seed, reshuffle_each_iteration=True)
-    return dataset.batch(arguments.batch_size)
+    """Return shuffled `(features, labels)` batches of the tokenized training set."""
+    return shuffled_batches(train["features"], train["labels"], arguments.batch_size, arguments.seed)
 
 
 def accuracy(classifier, test, batch_size):

@@ -33,7 +33,6 @@ import time
 import keras
 import keras_hub
 import numpy as np
-import tensorflow as tf
 
 import keras_peft
 from _data import load_tsv
@@ -41,6 +40,7 @@ from _data import load_vader
 from _data import minilm_folder
 from _data import split
 from _data import subsample
+from _training import shuffled_batches
 
 # Logits of the trained and the reloaded model come from the same weights
 # and the same computation on one backend. 1e-4 allows for float32 rounding
@@ -272,16 +272,8 @@ def count_parameters(variables):
 
 
 def training_batches(train, arguments):
-    """Return a `tf.data.Dataset` of `(texts, labels)` batches, reshuffled every epoch.
-
-    KerasHub tasks accept `tf.data` input on every backend and tokenize it
-    with their preprocessor. KerasHub 0.32 turns a list of strings passed to
-    `fit` into a `tf.data` pipeline without shuffling, so the shuffle is done
-    here.
-    """
-    dataset = tf.data.Dataset.from_tensor_slices((train.texts, train.labels))
-    dataset = dataset.shuffle(len(train), seed=arguments.seed, reshuffle_each_iteration=True)
-    return dataset.batch(arguments.batch_size)
+    """Return shuffled `(texts, labels)` batches; the classifier's preprocessor tokenizes them."""
+    return shuffled_batches(train.texts, train.labels, arguments.batch_size, arguments.seed)
 
 
 def train_and_evaluate(classifier, train, test, arguments):

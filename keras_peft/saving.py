@@ -2,7 +2,7 @@
 
 The config records the library, Keras and backend versions, the base model's
 class and a fingerprint of its architecture, every applied method and the
-adapted paths. The safetensors file holds the trained variables (adapter
+adapted paths. The safetensors file contains the trained variables (adapter
 weights and the task head) keyed by `<layer path>/<variable name>`.
 safetensors runs no code when loading and is read the same way by every
 backend, so a folder saved under one backend loads under the others.
@@ -117,7 +117,7 @@ def save_adapter(model, folder):
     """Write the applied methods and their trained variables to `folder`.
 
     `folder` is created if needed. An existing folder is reused only when it
-    is empty or already holds an adapter, whose two files are then replaced;
+    is empty or already contains an adapter, whose two files are then replaced;
     the new files are written beside them first and moved into place, so an
     error leaves the old adapter intact.
 

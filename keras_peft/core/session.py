@@ -239,7 +239,7 @@ def apply(model, *methods, train_head=True):
     After `apply`, only the variables the methods add or select train, plus
     the task head: for a KerasHub task, the layers outside its backbone (a
     classifier's output layer, for instance), which are also saved with the
-    adapter. Call `apply` before `compile`; a model whose optimizer already
+    adapter. Call `apply` before `compile`. A model whose optimizer already
     has state is rejected, because Keras does not follow a change of
     trainable variables after that on every backend. A model compiled but
     not trained is fine: its traced functions are reset.

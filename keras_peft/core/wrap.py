@@ -10,7 +10,7 @@ class WrapEdit(Edit):
 
     Args:
         path: layer path of the wrapped layer; the wrapper takes the same path.
-        parent: the layer that holds it.
+        parent: the layer that contains it.
         layer: the layer to wrap.
         make_wrapper: callable building the wrapper from `layer`. It runs in
             the name scope of `layer`'s variables, so the wrapper's new

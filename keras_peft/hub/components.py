@@ -82,7 +82,7 @@ def check_components(components, allowed, name="components"):
 
 
 def is_normalization(layer):
-    """Whether `layer` is a normalisation layer of a transformer."""
+    """Return whether `layer` is a normalisation layer of a transformer."""
     if isinstance(layer, (keras.layers.LayerNormalization, keras.layers.RMSNormalization)):
         return True
     return _NORM_CLASS_NAME.search(type(layer).__name__) is not None

@@ -77,7 +77,7 @@ def _first_attribute(layer, names):
 
 
 def is_attention(layer):
-    """Whether `layer` looks like an attention layer (has q/k/v or fused qkv projections)."""
+    """Return whether `layer` looks like an attention layer (has q/k/v or fused qkv projections)."""
     has_qkv = all(_first_attribute(layer, ATTENTION_ROLES[role])[1] is not None for role in ("query", "key", "value"))
     has_fused = _first_attribute(layer, FUSED_ATTENTION_ATTRIBUTES)[1] is not None
     return has_qkv or has_fused
@@ -95,7 +95,7 @@ def attention_layers(block):
 
 
 def is_block(layer):
-    """Whether `layer` looks like a transformer block (holds an attention layer)."""
+    """Return whether `layer` looks like a transformer block (contains an attention layer)."""
     return attention_layers(layer)[0] is not None
 
 
@@ -108,8 +108,8 @@ def feedforward_owner(block):
 def role_layers(layer, role):
     """Return the sublayers of `layer` that play `role`, as `(owner, attribute, sublayer)`.
 
-    `layer` is any layer of a model; only attention layers answer attention
-    roles and only transformer blocks answer feed-forward roles.
+    `layer` is any layer of a model; only attention layers have attention
+    roles and only transformer blocks have feed-forward roles.
     """
     found = []
     if role in ATTENTION_ROLES and is_attention(layer):

@@ -248,7 +248,7 @@ class LoRADense(keras.layers.Layer):
             a, b = self._factors()
         a = ops.cast(a, self.compute_dtype)
         b = ops.cast(b, self.compute_dtype)
-        # After `merge` the kernel already holds the update, so it is scaled by 0.
+        # After `merge` the kernel already contains the update, so it is scaled by 0.
         scale = ops.cast(self.scaling * (1.0 - self.lora_merged), self.compute_dtype)
         if flat:
             contracted_axes = 1 if self._plan is None else len(self._plan["a_axes"])

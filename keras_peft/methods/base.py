@@ -129,5 +129,5 @@ class Edit:
             variables[name].assign(array)
 
     def layer_count(self):
-        """How many layers the edit adapts, for the report."""
+        """Return how many layers the edit adapts, for the report."""
         return 1

@@ -52,7 +52,7 @@ def own_variables(layer):
 
 
 def originally_trainable(model, variable):
-    """Whether `variable` was trainable before keras_peft changed the model."""
+    """Return whether `variable` was trainable before keras_peft changed the model."""
     state = session.get_state(model)
     if state is None:
         return variable.trainable

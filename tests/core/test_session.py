@@ -123,7 +123,7 @@ def test_remove_restores_layers_flags_and_outputs():
     assert session.get_state(model) is None
 
 
-def test_model_save_of_patched_model_raises_then_merged_saves(tmp_path):
+def test_save_raises_until_merged(tmp_path):
     model = tiny_models.gpt2_causal_lm()
     keras_peft.apply(model, keras_peft.LoRA(rank=2))
     for variable in model.trainable_weights:

@@ -406,7 +406,7 @@ def test_invalid_train_head(train_head):
         keras_peft.apply(model, keras_peft.LoRA(), train_head=train_head)
 
 
-def test_lora_on_head_is_not_reported_as_trainable_head():
+def test_lora_on_head_not_listed_as_head():
     model = tiny_models.bert_classifier()
     report = keras_peft.apply(model, keras_peft.LoRA(rank=2, targets=["logits"]))
     assert report.head_paths == []
