@@ -15,14 +15,16 @@ any layer:
 The norm is taken over the whole tensor: the Frobenius (L2) norm by default,
 or the largest absolute entry (`norm="linf"`).
 
-The reference W_0 is a non-trainable `keras.Variable` that no layer tracks:
-see `DiffConstraint` for why.
+The reference W_0 is a non-trainable `keras.Variable`: see `DiffConstraint`
+for where it lives.
 """
 
 import numbers
 
 import keras
 from keras import ops
+
+from keras_peft.core.step_state import current_value
 
 NORMS = ("l2", "linf")
 
@@ -97,8 +99,20 @@ def difference_norm(difference, norm="l2"):
 
 
 def _reference_value(reference, dtype):
-    # On JAX, a keras.Variable must be converted before `where` and `cast`.
-    return ops.cast(ops.convert_to_tensor(reference), dtype)
+    value = current_value(reference)
+    if value is None:
+        if isinstance(reference, keras.Variable) and getattr(reference, "_value", 0) is None:
+            # Keras' JAX trainer empties model variables while `fit` runs.
+            raise RuntimeError(
+                f"The reference W_0 ({reference.path}) has no value here: Keras' JAX "
+                "trainer keeps it in the state of the train step, and keras_peft "
+                "reads it there only for the model that keras_peft.DiffTuning was "
+                "applied to. On JAX, apply DiffTuning to the model you call fit on "
+                "(for a KerasHub task, the task rather than its backbone)."
+            )
+        # On JAX, a keras.Variable must be converted before `where` and `cast`.
+        value = ops.convert_to_tensor(reference)
+    return ops.cast(value, dtype)
 
 
 def _no_config(cls):
@@ -125,19 +139,16 @@ class DiffConstraint(keras.constraints.Constraint):
     `variable.constraint` after every update on TensorFlow, JAX (inside the
     stateless, jitted step too) and PyTorch.
 
-    The reference W_0 is best a non-trainable `keras.Variable` that no layer
-    tracks, as `keras_peft.DiffTuning` creates it. In Keras 3.15 the JAX
-    trainer runs the optimizer step in a stateless scope that contains only
-    the trainable and optimizer variables. It also empties the values of all
-    other model variables while `fit` runs. A reference tracked by the model
-    therefore cannot be read in the optimizer step, but an untracked variable
-    keeps its value, and the optimizer never updates it because it is not
-    trainable.
-
-    NOTE: on JAX, a jitted train step captures the untracked reference as a
-    constant of the compiled program, so the program holds a second copy of
-    W_0 and takes longer to compile as W_0 grows. TensorFlow and PyTorch
-    read the variable in place.
+    The reference W_0 is a non-trainable `keras.Variable`. `keras_peft.DiffTuning`
+    makes the model track it, so W_0 is stored once, is not
+    trainable, gets no optimizer slots, and reaches a compiled train step as
+    an argument like any other model variable. Keras 3.15's JAX trainer runs
+    the optimizer step, where constraints run, in a stateless scope that
+    holds only the trainable and optimizer variables, so on JAX the
+    constraint reads W_0 from the values the train step received
+    (`keras_peft.core.step_state`). A reference that no layer tracks works
+    on every backend too, but a jitted JAX train step then bakes it into the
+    compiled program as a constant: a second copy.
 
     Args:
         reference: the pretrained value W_0, a `keras.Variable` or tensor of
@@ -196,8 +207,7 @@ class DiffPenalty(keras.regularizers.Regularizer):
 
     Args:
         reference: the pretrained value W_0, a `keras.Variable` or tensor of
-            the weight's shape (see `DiffConstraint` for why it should be a
-            variable that no layer tracks).
+            the weight's shape (see `DiffConstraint` for where it lives).
         strength: float ≥ 0, the factor λ.
         norm: `"l2"` or `"linf"`, as in `DiffConstraint`. Defaults to `"l2"`.
 

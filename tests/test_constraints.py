@@ -155,6 +155,24 @@ def test_optimizer_applies_constraint_in_fit(norm, jit_compile):
     assert 0.99 * 0.05 <= distance <= 0.05 + 1e-6
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax",
+    reason="only Keras' JAX trainer empties model variables during fit",
+)
+def test_tracked_reference_outside_keras_peft_raises_clear_error_on_jax():
+    layer = keras.layers.Dense(3)
+    model = keras.Sequential([keras.Input((4,)), layer])
+    reference = reference_variable(to_numpy(layer.kernel))
+    # A layer that tracks W_0 itself, without keras_peft's train-step wrapper.
+    layer._tracker.unlock()
+    layer._track_variable(reference)
+    layer.kernel.constraint = DiffConstraint(reference, 0.05)
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
+
+    with pytest.raises(RuntimeError, match="has no value here"):
+        model.fit(np.ones((4, 4), "float32"), np.ones((4, 3), "float32"), verbose=0)
+
+
 @pytest.mark.parametrize(
     "build, fragment",
     [

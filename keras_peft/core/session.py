@@ -396,6 +396,7 @@ def summary(model):
     for application in state.applications:
         paths = adapted.setdefault(repr(application.method), [])
         paths.extend(edit.path for edit in application.edits)
+    references = {id(v) for e in state.edits() for v in e.reference_variables()}
     trainable = {}
     for entry in index:
         for variable in index.owned_variables(entry):
@@ -409,5 +410,7 @@ def summary(model):
         head_paths=head,
         trainable_variables=trainable,
         trainable_parameters=count_parameters(model.trainable_weights),
-        total_parameters=count_parameters(model.weights),
+        total_parameters=count_parameters(
+            [v for v in model.weights if id(v) not in references]
+        ),
     )

@@ -21,6 +21,21 @@ def variable_to_numpy(variable):
     return np.ascontiguousarray(array)
 
 
+def track_variable(layer, variable):
+    """Make a built `layer` track `variable`, as if the layer had created it.
+
+    Keras locks a layer's tracker once the layer is built; this opens it for
+    the one variable and locks it again.
+    """
+    locked = layer._tracker.locked
+    layer._tracker.unlock()
+    try:
+        layer._track_variable(variable)
+    finally:
+        if locked:
+            layer._tracker.lock()
+
+
 def register_method(cls):
     """Class decorator: make a method class loadable from adapter files by its `kind`."""
     if cls.kind in _METHODS and _METHODS[cls.kind] is not cls:
@@ -108,6 +123,13 @@ class Edit:
     def saved_variables(self):
         """`{name: variable}` stored in adapter files under `path/name`."""
         return {}
+
+    def reference_variables(self):
+        """Variables the edit adds that hold no model parameter (a copy of W_0, say).
+
+        They are left out of the report's parameter counts.
+        """
+        return []
 
     def export_tensors(self):
         """`{name: NumPy array}` written to the adapter file under `path/name`.

@@ -11,6 +11,7 @@ Adapter files store the differences W − W_0, densely or, with
 values, so an adapter is added to a freshly loaded pretrained model.
 """
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -25,6 +26,7 @@ from keras_peft.constraints import check_norm
 from keras_peft.constraints import check_strength
 # A module import: keras_peft.core.session imports keras_peft.methods.base.
 from keras_peft.core import session
+from keras_peft.core import step_state
 from keras_peft.core.targets import check_targets
 from keras_peft.errors import AdapterFileError
 from keras_peft.hub.components import COMPONENTS
@@ -33,6 +35,7 @@ from keras_peft.hub.components import find_components
 from keras_peft.methods.base import Edit
 from keras_peft.methods.base import Method
 from keras_peft.methods.base import register_method
+from keras_peft.methods.base import track_variable
 from keras_peft.methods.base import variable_to_numpy
 from keras_peft.methods.bitfit import excluded_layers
 from keras_peft.methods.bitfit import originally_trainable
@@ -98,14 +101,26 @@ def densify(indices, values, shape):
     return flat.reshape(shape)
 
 
+@contextlib.contextmanager
+def _scope_of(variable):
+    """Open the name scopes of `variable`, so a new variable gets a path beside it."""
+    with contextlib.ExitStack() as stack:
+        for part in variable.path.split("/")[:-1]:
+            stack.enter_context(keras.name_scope(part))
+        yield
+
+
 class DiffEdit(Edit):
     """Put a `DiffConstraint` (and a `DiffPenalty`) on the variables of one layer.
 
     `apply` copies each variable's current value into a non-trainable
-    reference W_0 that no layer tracks (see `DiffConstraint` for why) and
-    sets the variable's `constraint` and `regularizer`. `undo` puts W_0 back
-    into the variable and restores its constraint and regularizer. `merge`
-    keeps the trained value and drops W_0, the constraint and the penalty.
+    reference W_0, tracked by the model (so it is saved, moved and passed
+    into compiled train steps like the model's other variables), and sets
+    the variable's `constraint` and `regularizer`. On JAX it also lets the
+    constraint read W_0 inside the train step (see
+    `keras_peft.core.step_state`). `undo` puts W_0 back into the variable,
+    untracks it and restores the constraint and regularizer. `merge` keeps
+    the trained value and drops W_0, the constraint and the penalty.
 
     Adapter files get `<name>_diff` (the dense difference W − W_0) or, with
     `density` < 1, `<name>_diff_indices` and `<name>_diff_values`.
@@ -113,8 +128,9 @@ class DiffEdit(Edit):
 
     exclusive = False
 
-    def __init__(self, path, variables, epsilon, penalty, norm, density):
+    def __init__(self, model, path, variables, epsilon, penalty, norm, density):
         super().__init__(path)
+        self.model = model
         self.variables = dict(variables)
         self.epsilon = epsilon
         self.penalty = penalty
@@ -124,30 +140,44 @@ class DiffEdit(Edit):
         self._previous = {}
 
     def apply(self):
-        for name, variable in self.variables.items():
-            # A copy, not the variable's buffer: JAX donates the buffers of
-            # trainable variables to the jitted train step.
-            reference = keras.Variable(
-                variable_to_numpy(variable),
-                dtype=variable.dtype,
-                trainable=False,
-                autocast=False,
-                name=f"{name}_pretrained",
-            )
-            self._previous[name] = (variable.constraint, variable.regularizer)
-            self.references[name] = reference
-            variable.constraint = DiffConstraint(reference, self.epsilon, self.norm)
-            if self.penalty > 0:
-                variable.regularizer = DiffPenalty(reference, self.penalty, self.norm)
+        try:
+            for name, variable in self.variables.items():
+                with _scope_of(variable):
+                    # A copy, not the variable's buffer: JAX donates the
+                    # buffers of model variables to the jitted train step.
+                    reference = keras.Variable(
+                        variable_to_numpy(variable),
+                        dtype=variable.dtype,
+                        trainable=False,
+                        autocast=False,
+                        name=f"{name}_pretrained",
+                    )
+                self.references[name] = reference
+                track_variable(self.model, reference)
+                self._previous[name] = (variable.constraint, variable.regularizer)
+                variable.constraint = DiffConstraint(reference, self.epsilon, self.norm)
+                if self.penalty > 0:
+                    variable.regularizer = DiffPenalty(reference, self.penalty, self.norm)
+            step_state.watch(self.model, self.references.values())
+        except BaseException:
+            self._release(restore_values=False)
+            raise
 
     def _release(self, restore_values):
+        step_state.unwatch(self.model, self.references.values())
         for name, variable in self.variables.items():
             if name not in self.references:
                 continue
+            reference = self.references[name]
             if restore_values:
-                variable.assign(self.references[name])
-            variable.constraint, variable.regularizer = self._previous.pop(name)
+                variable.assign(reference)
+            if name in self._previous:
+                variable.constraint, variable.regularizer = self._previous.pop(name)
+            self.model._untrack_variable(reference)
         self.references = {}
+
+    def reference_variables(self):
+        return list(self.references.values())
 
     def undo(self):
         self._release(restore_values=True)
@@ -248,8 +278,10 @@ class DiffTuning(Method):
     `components`; other weights (segment embeddings, a pooler) stay frozen.
     A KerasHub task's head trains freely, as with every method.
 
-    Memory: W_0 is a second copy of every selected weight, and the optimizer
-    keeps its state for every one, as in full fine-tuning. What diff tuning
+    Memory: W_0 is one more copy of every selected weight, a non-trainable
+    variable that the model tracks (`<name>_pretrained`, with no optimizer
+    state), and the optimizer keeps its state for every selected
+    weight, as in full fine-tuning. What diff tuning
     saves is the adapter size: `save_density` < 1 keeps only the largest
     entries of each difference.
 
@@ -382,7 +414,15 @@ class DiffTuning(Method):
             )
         order = {entry.path: i for i, entry in enumerate(index.entries)}
         return [
-            DiffEdit(path, variables, self.epsilon, self.penalty, self.norm, self.save_density)
+            DiffEdit(
+                model,
+                path,
+                variables,
+                self.epsilon,
+                self.penalty,
+                self.norm,
+                self.save_density,
+            )
             for path, variables in sorted(selected.items(), key=lambda item: order[item[0]])
         ]
 

@@ -1,4 +1,5 @@
 import math
+import re
 import keras
 import numpy as np
 import pytest
@@ -321,6 +322,7 @@ def test_difference_beyond_epsilon_is_rejected(tmp_path):
 
 def test_merge_leaves_plain_weights():
     model = tiny_models.bert_classifier()
+    paths = [v.path for v in model.weights]
     x = tiny_models.token_inputs(segment_ids=True)
     report = keras_peft.apply(model, keras_peft.DiffTuning(epsilon=EPSILON, penalty=0.1))
     move_inside_ball(diff_variables(model, report), "l2")
@@ -332,13 +334,16 @@ def test_merge_leaves_plain_weights():
     np.testing.assert_array_equal(hidden_states(model, x), tuned_states)
     np.testing.assert_array_equal(to_numpy(model(x)), tuned_logits)
     assert all(v.constraint is None and v.regularizer is None for v in model.weights)
+    assert [v.path for v in model.weights] == paths
     assert model.losses == []
     assert "_keras_peft_state" not in vars(model)
+    assert "train_step" not in vars(model)
     assert model.get_config()["num_classes"] == 2
 
 
 def test_remove_restores_pretrained_weights():
     model = tiny_models.bert_classifier()
+    paths = [v.path for v in model.weights]
     before = {key: to_numpy(v).copy() for key, v in variables_by_key(model).items()}
     report = keras_peft.apply(model, keras_peft.DiffTuning(epsilon=EPSILON, penalty=0.1))
     tuned = diff_variables(model, report)
@@ -350,7 +355,84 @@ def test_remove_restores_pretrained_weights():
         np.testing.assert_array_equal(to_numpy(tuned[key]), before[key])
         assert tuned[key].constraint is None
         assert tuned[key].regularizer is None
+    assert [v.path for v in model.weights] == paths
     assert model.losses == []
+    assert "train_step" not in vars(model)
+
+
+def references_of(model):
+    """Return `{"<path>/<name>": W_0}` for every diff-tuned variable."""
+    state = vars(model)["_keras_peft_state"]
+    return {
+        f"{edit.path}/{name}": reference
+        for edit in state.edits()
+        for name, reference in edit.references.items()
+    }
+
+
+def test_pretrained_copy_is_kept_once_and_never_trained():
+    model = tiny_models.bert_classifier(num_layers=1)
+    total = model.count_params()
+    report = keras_peft.apply(model, keras_peft.DiffTuning(epsilon=EPSILON, penalty=0.1))
+    references = references_of(model)
+    tuned = diff_variables(model, report)
+    assert sorted(references) == sorted(tuned)
+
+    # Each W_0 is tracked once, by the layer that owns W, and is not trainable.
+    non_trainable_ids = [id(v) for v in model.non_trainable_variables]
+    for key, reference in references.items():
+        assert non_trainable_ids.count(id(reference)) == 1
+        assert not reference.trainable
+        assert reference.shape == tuned[key].shape
+        assert reference.path == tuned[key].path + "_pretrained"
+    # The report counts the model's parameters, not the copies of W_0.
+    assert report.total_parameters == total
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x = tiny_models.token_inputs(4, segment_ids=True)
+    model.fit(x, np.array([0, 1, 0, 1]), batch_size=4, epochs=1, verbose=0)
+    optimizer_ids = {id(v) for v in model.optimizer.variables}
+    trainable_ids = {id(v) for v in model.trainable_variables}
+    for reference in references.values():
+        assert id(reference) not in optimizer_ids
+        assert id(reference) not in trainable_ids
+    # Adam keeps two slots per trained variable (plus its step counter and
+    # learning rate); none belong to a W_0.
+    assert len(model.optimizer.variables) == 2 * len(model.trainable_variables) + 2
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="inspects the program that jax.jit compiles")
+def test_jitted_jax_train_step_takes_pretrained_copy_as_argument():
+    import jax
+
+    model = tiny_models.bert_classifier(num_layers=1)
+    keras_peft.apply(model, keras_peft.DiffTuning(epsilon=EPSILON, penalty=0.1))
+    smallest = min(int(np.prod(r.shape)) * 4 for r in references_of(model).values())
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=True,
+    )
+    x = tiny_models.token_inputs(4, segment_ids=True)
+    y = np.array([0, 1, 0, 1])
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+
+    state = tuple(
+        [v.value for v in variables]
+        for variables in (
+            model.trainable_variables,
+            model.non_trainable_variables,
+            model.optimizer.variables,
+            model.metrics_variables,
+        )
+    )
+    program = jax.jit(model.train_step).lower(state, (x, y)).as_text()
+    # A W_0 captured by the program would appear as a hex-encoded constant.
+    constants = re.findall(r'stablehlo\.constant dense<"0x([0-9A-F]+)">', program)
+    assert max((len(c) // 2 for c in constants), default=0) < smallest
 
 
 def test_config_round_trip():
@@ -433,3 +515,44 @@ def test_penalty_class_is_used_when_strength_positive():
     assert isinstance(variable.regularizer, DiffPenalty)
     assert variable.regularizer.norm == "linf"
     assert variable.constraint.norm == "linf"
+
+
+def test_save_weights_round_trip_keeps_pretrained_copy(tmp_path):
+    tuned, fresh = classifier_pair()
+    x = tiny_models.token_inputs(segment_ids=True)
+    report = keras_peft.apply(tuned, keras_peft.DiffTuning(epsilon=EPSILON))
+    move_inside_ball(diff_variables(tuned, report), "l2")
+    path = str(tmp_path / "tuned.weights.h5")
+    tuned.save_weights(path)
+
+    keras_peft.apply(fresh, keras_peft.DiffTuning(epsilon=EPSILON))
+    for reference in references_of(fresh).values():
+        reference.assign(np.zeros(reference.shape, reference.dtype))
+    fresh.load_weights(path)
+
+    np.testing.assert_array_equal(to_numpy(fresh(x)), to_numpy(tuned(x)))
+    loaded = references_of(fresh)
+    for key, reference in references_of(tuned).items():
+        np.testing.assert_array_equal(to_numpy(loaded[key]), to_numpy(reference))
+
+
+@pytest.mark.parametrize("jit_compile", [False, True] if BACKEND != "torch" else [False])
+def test_backbone_tuned_inside_its_task_keeps_weights_in_ball(jit_compile):
+    classifier = tiny_models.bert_classifier(num_layers=1)
+    report = keras_peft.apply(classifier.backbone, keras_peft.DiffTuning(epsilon=EPSILON))
+    index = LayerIndex(classifier.backbone)
+    by_key = {f"{e.path}/{v.name}": v for e in index for v in index.owned_variables(e)}
+    tuned = {key: by_key[key] for key in report.trainable_variables}
+    pretrained = {key: to_numpy(v).copy() for key, v in tuned.items()}
+
+    classifier.compile(
+        optimizer=keras.optimizers.SGD(50.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile,
+    )
+    x = tiny_models.token_inputs(4, segment_ids=True)
+    classifier.fit(x, np.array([0, 1, 0, 1]), batch_size=4, epochs=2, verbose=0)
+
+    distances = [distance(to_numpy(v) - pretrained[key], "l2") for key, v in tuned.items()]
+    assert max(distances) <= EPSILON + 1e-6
+    assert max(distances) >= 0.99 * EPSILON
