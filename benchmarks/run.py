@@ -75,6 +75,11 @@ def parse_args(argv):
                         help="restrict one workload to some training configurations, e.g. base=full,lora,limit (repeatable)")
     parser.add_argument("--rounds", type=int, default=None, help="override the rounds of every workload")
     parser.add_argument("--steps", type=int, default=None, help="override the timed steps of every workload")
+    parser.add_argument("--infer-rounds", type=int, default=None,
+                        help="override the alternating forward/generate rounds of every workload")
+    parser.add_argument("--build-optimizer", action="store_true",
+                        help="build the optimizer after compile and before fit, which Keras' TensorFlow "
+                             "trainer otherwise does inside the first trace of the step")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per backend (sets OMP, MKL, XLA and TensorFlow thread counts); "
                              "default: each backend's own default")
@@ -168,6 +173,8 @@ def repetitions_by_size(args):
             reps["rounds"] = args.rounds
         if args.steps is not None:
             reps["steps"] = args.steps
+        if args.infer_rounds is not None and "infer_rounds" in reps:
+            reps["infer_rounds"] = args.infer_rounds
         repetitions[size] = reps
     return repetitions
 
@@ -191,6 +198,7 @@ def plan(args):
     for size in args.sizes:
         reps = repetitions[size]
         common = {"workload": size, "batch_size": batch_sizes[size], "fit_steps": reps["fit_steps"],
+                  "build_optimizer": args.build_optimizer,
                   "warmup_steps": reps["warmup_steps"], "steps": reps["steps"], "rounds": reps["rounds"]}
         causal_lm = workloads.is_causal_lm(size)
         for backend in backends[size]:
@@ -209,7 +217,8 @@ def plan(args):
     all_backends = sorted({b for size in args.sizes for b in backends[size]})
     imports = [dict(kind="import", backend=b, variant=b, workload="-", method="-") for b in all_backends]
     settings = {"method_names": method_names, "methods_by_size": size_methods, "repetitions": repetitions,
-                "batch_sizes": batch_sizes, "threads": args.threads, "tf_jit": args.tf_jit, "quick": args.quick}
+                "batch_sizes": batch_sizes, "threads": args.threads, "tf_jit": args.tf_jit, "quick": args.quick,
+                "build_optimizer": args.build_optimizer}
     return round_configs, imports + once_configs, settings
 
 
