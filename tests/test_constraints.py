@@ -159,7 +159,7 @@ def test_optimizer_applies_constraint_in_fit(norm, jit_compile):
     keras.backend.backend() != "jax",
     reason="only Keras' JAX trainer empties model variables during fit",
 )
-def test_tracked_reference_outside_keras_peft_raises_clear_error_on_jax():
+def test_tracked_reference_raises_on_jax():
     layer = keras.layers.Dense(3)
     model = keras.Sequential([keras.Input((4,)), layer])
     reference = reference_variable(to_numpy(layer.kernel))

@@ -378,7 +378,7 @@ def test_pretrained_copy_is_kept_once_and_never_trained():
     tuned = diff_variables(model, report)
     assert sorted(references) == sorted(tuned)
 
-    # Each W_0 is tracked once, by the layer that owns W, and is not trainable.
+    # Each W_0 is tracked once, by the model, and is not trainable.
     non_trainable_ids = [id(v) for v in model.non_trainable_variables]
     for key, reference in references.items():
         assert non_trainable_ids.count(id(reference)) == 1
@@ -405,7 +405,7 @@ def test_pretrained_copy_is_kept_once_and_never_trained():
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="inspects the program that jax.jit compiles")
-def test_jitted_jax_train_step_takes_pretrained_copy_as_argument():
+def test_jitted_jax_step_has_no_pretrained_constant():
     import jax
 
     model = tiny_models.bert_classifier(num_layers=1)
