@@ -103,7 +103,7 @@ def peak_memory(result):
 
 
 def steady_memory(result):
-    """Resident memory after the timed steps: what training holds once compiled."""
+    """Return the resident memory after the timed steps, once the step is compiled."""
     return result["rss_after_steps_mb"]
 
 

@@ -92,7 +92,7 @@ def run(config):
     )
     result["train_step_calls_total"] = calls["count"]
     result["peak_rss_mb"] = measure.peak_rss_mb()
-    # What training holds once compiled: parameters, optimizer state, buffers.
+    # The memory training keeps once compiled: parameters, optimizer state, buffers.
     result["rss_after_steps_mb"] = measure.current_rss_mb()
     result["backend"] = keras.backend.backend()
     return result

@@ -139,14 +139,14 @@ class DiffConstraint(keras.constraints.Constraint):
     `variable.constraint` after every update on TensorFlow, JAX (inside the
     stateless, jitted step too) and PyTorch.
 
-    The reference W_0 is a non-trainable `keras.Variable`. `keras_peft.DiffTuning`
-    makes the model track it, so W_0 is stored once, is not
-    trainable, gets no optimizer slots, and reaches a compiled train step as
-    an argument like any other model variable. Keras 3.15's JAX trainer runs
-    the optimizer step, where constraints run, in a stateless scope that
-    holds only the trainable and optimizer variables, so on JAX the
-    constraint reads W_0 from the values the train step received
-    (`keras_peft.core.step_state`). A reference that no layer tracks works
+    The reference W_0 is a non-trainable `keras.Variable`, and
+    `keras_peft.DiffTuning` makes the model track it. W_0 is therefore stored
+    once, is not trainable and gets no optimizer slots. A compiled train step
+    receives it as an argument, like any other model variable. Keras 3.15's
+    JAX trainer runs the optimizer step, where constraints run, in a
+    stateless scope that contains only the trainable and optimizer
+    variables. On JAX the constraint therefore reads W_0 from the values the
+    train step received (`keras_peft.core.step_state`). A reference that no layer tracks works
     on every backend too, but a jitted JAX train step then bakes it into the
     compiled program as a constant: a second copy.
 

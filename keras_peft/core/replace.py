@@ -98,10 +98,7 @@ def swap_layer(parent, old, new):
             f"Layer {old.name!r} is tracked by {parent.name!r} but not stored in "
             "one of its attributes or graph nodes, so it cannot be replaced."
         )
-    tracker = parent._tracker
-    was_locked = tracker.locked
-    tracker.unlock()
-    try:
+    with unlocked_tracker(parent) as tracker:
         # Put `new` at `old`'s position in the tracked sublayers.
         store_name = "layers"
         if id(old) in tracker.stored_ids.get(store_name, set()):
@@ -119,12 +116,36 @@ def swap_layer(parent, old, new):
             _replace_by_id(parent._operations, old, new)
             for operations in parent._operations_by_depth.values():
                 _replace_by_id(operations, old, new)
+
+
+@contextlib.contextmanager
+def unlocked_tracker(layer):
+    """Unlock the state tracker of a built `layer` for the block, then restore its lock."""
+    tracker = layer._tracker
+    was_locked = tracker.locked
+    tracker.unlock()
+    try:
+        yield tracker
     finally:
         if was_locked:
             tracker.lock()
 
 
+def track_variable(layer, variable):
+    """Make a built `layer` track `variable`, as if the layer had created it."""
+    with unlocked_tracker(layer):
+        layer._track_variable(variable)
+
+
 @contextlib.contextmanager
+def name_scopes(parts):
+    """Open one Keras name scope per item of `parts`, outermost first."""
+    with contextlib.ExitStack() as stack:
+        for part in parts:
+            stack.enter_context(keras.name_scope(part))
+        yield
+
+
 def variable_scope_of(layer):
     """Open the Keras name scopes that `layer`'s variables were created in.
 
@@ -133,10 +154,5 @@ def variable_scope_of(layer):
     short path that repeats in every block.
     """
     weights = layer.weights
-    parts = []
-    if weights:
-        parts = weights[0].path.split("/")[:-2]
-    with contextlib.ExitStack() as stack:
-        for part in parts:
-            stack.enter_context(keras.name_scope(part))
-        yield
+    parts = weights[0].path.split("/")[:-2] if weights else []
+    return name_scopes(parts)

@@ -1,7 +1,7 @@
 """Reading non-trainable model variables inside Keras' JAX train step.
 
 Keras' JAX trainer passes every model variable into the jitted train step as
-an argument and runs the optimizer step in a stateless scope that holds only
+an argument and runs the optimizer step in a stateless scope that contains only
 the trainable and optimizer variables. During `fit` it also empties the
 values of the model's variables (they live in the state the step returns).
 A constraint that reads a non-trainable model variable, such as W_0 in
@@ -14,7 +14,7 @@ JAX, in two ways:
   run, `current_value` returns the value the step received for each of the
   model's non-trainable variables (`fit` and `train_on_batch` of `model`).
 - It wraps `model.call`, which records the values of `variables` that the
-  forward pass sees. This covers a larger model that contains `model` (a
+  forward pass reads. This covers a larger model that contains `model` (a
   KerasHub task around a watched backbone): its train step runs the forward
   pass, which includes `model`, before the optimizer step.
 

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_peft.core.validation import check_rank
+from keras_peft.layers.base import build_base_layer
 
 # Public functions of `keras.activations` that are not activations.
 _NOT_ACTIVATIONS = {"get", "serialize", "deserialize"}
@@ -283,13 +284,7 @@ class AdapterWrapper(AdapterBlock):
     def build(self, input_shape=None):
         if self.built:
             return
-        if not self.base_layer.built:
-            if input_shape is None:
-                raise ValueError(
-                    f"AdapterWrapper {self.name!r} needs an input shape because its "
-                    "base layer is not built yet."
-                )
-            self.base_layer.build(input_shape)
+        build_base_layer(self, input_shape)
         self._build_adapter(output_size(self.base_layer))
 
     def call(self, inputs, *args, **kwargs):

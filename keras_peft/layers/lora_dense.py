@@ -9,6 +9,7 @@ from keras import ops
 from keras_peft.core.validation import check_alpha
 from keras_peft.core.validation import check_dropout
 from keras_peft.core.validation import check_rank
+from keras_peft.layers.base import build_base_layer
 
 
 def _einsum_plan(equation):
@@ -186,13 +187,7 @@ class LoRADense(keras.layers.Layer):
     def build(self, input_shape=None):
         if self.built:
             return
-        if not self.base_layer.built:
-            if input_shape is None:
-                raise ValueError(
-                    f"LoRADense {self.name!r} needs an input shape because its "
-                    "base layer is not built yet."
-                )
-            self.base_layer.build(input_shape)
+        build_base_layer(self, input_shape)
         if self.dropout_layer is not None:
             self.dropout_layer.build(input_shape)
         a_shape, b_shape = self._factor_shapes()

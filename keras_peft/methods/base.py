@@ -21,21 +21,6 @@ def variable_to_numpy(variable):
     return np.ascontiguousarray(array)
 
 
-def track_variable(layer, variable):
-    """Make a built `layer` track `variable`, as if the layer had created it.
-
-    Keras locks a layer's tracker once the layer is built; this opens it for
-    the one variable and locks it again.
-    """
-    locked = layer._tracker.locked
-    layer._tracker.unlock()
-    try:
-        layer._track_variable(variable)
-    finally:
-        if locked:
-            layer._tracker.lock()
-
-
 def register_method(cls):
     """Class decorator: make a method class loadable from adapter files by its `kind`."""
     if cls.kind in _METHODS and _METHODS[cls.kind] is not cls:

@@ -11,7 +11,6 @@ Adapter files store the differences W − W_0, densely or, with
 values, so an adapter is added to a freshly loaded pretrained model.
 """
 
-import contextlib
 import dataclasses
 import math
 import numbers
@@ -27,6 +26,8 @@ from keras_peft.constraints import check_strength
 # A module import: keras_peft.core.session imports keras_peft.methods.base.
 from keras_peft.core import session
 from keras_peft.core import step_state
+from keras_peft.core.replace import name_scopes
+from keras_peft.core.replace import track_variable
 from keras_peft.core.targets import check_targets
 from keras_peft.errors import AdapterFileError
 from keras_peft.hub.components import COMPONENTS
@@ -35,7 +36,6 @@ from keras_peft.hub.components import find_components
 from keras_peft.methods.base import Edit
 from keras_peft.methods.base import Method
 from keras_peft.methods.base import register_method
-from keras_peft.methods.base import track_variable
 from keras_peft.methods.base import variable_to_numpy
 from keras_peft.methods.bitfit import excluded_layers
 from keras_peft.methods.bitfit import originally_trainable
@@ -101,15 +101,6 @@ def densify(indices, values, shape):
     return flat.reshape(shape)
 
 
-@contextlib.contextmanager
-def _scope_of(variable):
-    """Open the name scopes of `variable`, so a new variable gets a path beside it."""
-    with contextlib.ExitStack() as stack:
-        for part in variable.path.split("/")[:-1]:
-            stack.enter_context(keras.name_scope(part))
-        yield
-
-
 class DiffEdit(Edit):
     """Put a `DiffConstraint` (and a `DiffPenalty`) on the variables of one layer.
 
@@ -142,7 +133,8 @@ class DiffEdit(Edit):
     def apply(self):
         try:
             for name, variable in self.variables.items():
-                with _scope_of(variable):
+                # The copy gets a path beside the weight's: `.../kernel_pretrained`.
+                with name_scopes(variable.path.split("/")[:-1]):
                     # A copy, not the variable's buffer: JAX donates the
                     # buffers of model variables to the jitted train step.
                     reference = keras.Variable(

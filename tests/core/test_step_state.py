@@ -52,7 +52,7 @@ def test_wrappers_stay_until_the_last_variable_is_unwatched():
 
 
 @ONLY_JAX
-def test_fit_step_sees_values_and_keeps_own_train_step():
+def test_fit_step_reads_emptied_values():
     model = small_model()
     marker = tracked_marker(model)
     seen = []

@@ -294,3 +294,10 @@ def test_wrapper_float32_weights_under_mixed_bfloat16():
     assert wrapper.dtype_policy.name == "mixed_bfloat16"
     assert [v.dtype for v in wrapper.trainable_weights] == ["float32"] * 4
     assert keras.backend.standardize_dtype(outputs.dtype) == "bfloat16"
+
+
+def test_unbuilt_base_without_input_shape_raises():
+    wrapper = AdapterWrapper(keras.layers.Dense(4), bottleneck=2)
+    with pytest.raises(ValueError, match="needs an input shape"):
+        wrapper.build(None)
+    assert not wrapper.built

@@ -284,3 +284,10 @@ def test_einsum_with_reordered_output_axes():
 def test_flat_plan_for_kerashub_projections():
     assert LoRADense(einsum_base(), rank=2)._plan["flat"]
     assert LoRADense(einsum_output_base(), rank=2)._plan["flat"]
+
+
+def test_unbuilt_base_without_input_shape_raises():
+    wrapper = LoRADense(keras.layers.Dense(4), rank=2)
+    with pytest.raises(ValueError, match="needs an input shape"):
+        wrapper.build(None)
+    assert not wrapper.built
