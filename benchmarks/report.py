@@ -6,6 +6,8 @@ import platform
 import statistics
 import subprocess
 
+import methods
+
 BEGIN = "<!-- BEGIN GENERATED RESULTS: written by benchmarks/run.py, edits here are overwritten -->"
 END = "<!-- END GENERATED RESULTS -->"
 PACKAGES = ("keras", "keras-hub", "keras-peft", "tensorflow", "jax", "jaxlib", "torch", "numpy",
@@ -147,6 +149,21 @@ def jit_label(result):
 # ---------------------------------------------------------------- sections
 
 
+def optimizer_setting(settings):
+    """Describe when the optimizer was built; older result files use `build_optimizer`."""
+    baseline = settings.get("baseline_optimizer")
+    if baseline == "built":
+        return ("keras_peft methods leave it to keras_peft, which builds the training state before the "
+                "first trace on TensorFlow; the configurations without keras_peft call "
+                "`model.optimizer.build(model.trainable_variables)` after `compile`.")
+    if baseline == "lazy":
+        return ("keras_peft methods leave it to keras_peft, which builds the training state before the "
+                "first trace on TensorFlow; the configurations without keras_peft keep Keras' default.")
+    if settings.get("build_optimizer"):
+        return "built with `model.optimizer.build(model.trainable_variables)` after `compile`."
+    return "built by Keras during the first `fit`."
+
+
 def header_section(data):
     machine = data["machine"]
     settings = data["settings"]
@@ -162,8 +179,7 @@ def header_section(data):
         f"- Threads per backend: {settings['threads'] or 'backend default'}. Batch sizes: "
         + ", ".join(f"{k} {v}" for k, v in settings["batch_sizes"].items())
         + "; sequence length 128.",
-        "- Optimizer: " + ("built with `model.optimizer.build(model.trainable_variables)` after `compile`."
-                           if settings.get("build_optimizer") else "built by Keras during the first `fit`."),
+        "- Optimizer: " + optimizer_setting(settings),
         "- Repetitions per training configuration:",
     ]
     for size, reps in settings["repetitions"].items():
@@ -379,11 +395,17 @@ def targets(data):
 
 
 def trace_targets(runs):
-    """Rows of the target "`fit` with jit_compile=True traces the step once"."""
+    """Rows of the target "`fit` with jit_compile=True traces the step once".
+
+    The target is about keras_peft's methods; the configurations without
+    keras_peft are not rows, and full fine-tuning's count is shown beside each.
+    """
     rows = []
     for (workload, variant, method), rounds in sorted(runs.items(), key=lambda x: (x[0][0], variant_order(x[0][1]))):
         result = next(iter(rounds.values()))
         if result.get("jit_compile") is not True or "train_step_calls_in_fit" not in result:
+            continue
+        if not isinstance(methods.METHODS_BY_NAME.get(method), methods.PeftMethod):
             continue
         count = result["train_step_calls_in_fit"]
         measured = f"{count} trace(s) in {result['fit_steps']} steps"

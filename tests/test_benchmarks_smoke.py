@@ -22,7 +22,7 @@ import workloads  # noqa: E402
 TINY = workloads.GPT2_SIZES["tiny"]
 
 
-def _train(method):
+def _train(method, **settings):
     backend = keras.backend.backend()
     config = {
         "kind": "train",
@@ -36,6 +36,7 @@ def _train(method):
         "warmup_steps": 0,
         "steps": 1,
         "rounds": 1,
+        **settings,
     }
     return config, training.run(config)
 
@@ -98,6 +99,34 @@ def test_harness_end_to_end():
     assert "LoRA step ÷ limit step ≤ 1.05" in text
     assert "merged LoRA forward ÷ base forward ≤ 1.02" in text
     assert "## Failed configurations" not in text
+
+
+def test_only_baselines_build_their_optimizer_after_compile():
+    _, lora = _train("lora", baseline_optimizer="built")
+    _, limit = _train("limit", baseline_optimizer="built")
+    _, lazy_limit = _train("limit", baseline_optimizer="lazy")
+
+    assert not lora["optimizer_built_after_compile"]
+    assert limit["optimizer_built_after_compile"]
+    assert not lazy_limit["optimizer_built_after_compile"]
+
+
+def test_trace_target_rows_are_keras_peft_methods():
+    def traced(count):
+        return {0: {"jit_compile": True, "train_step_calls_in_fit": count, "fit_steps": 3}}
+
+    runs = {
+        ("small", "tensorflow+xla", "full"): traced(2),
+        ("small", "tensorflow+xla", "limit"): traced(2),
+        ("small", "tensorflow+xla", "lora"): traced(1),
+        ("small", "tensorflow+xla", "adapter"): traced(2),
+    }
+
+    rows = report.trace_targets(runs)
+
+    assert [row[1] for row in rows] == ["small, tensorflow+xla, lora", "small, tensorflow+xla, adapter"]
+    assert rows[0][2:] == ["1 trace(s) in 3 steps (full fine-tuning: 2)", "met"]
+    assert rows[1][3] == "**missed**"
 
 
 @pytest.mark.parametrize("existing", [None, "intro\n\n{generated}\n\nanalysis\n"])

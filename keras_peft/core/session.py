@@ -10,11 +10,10 @@ import warnings
 
 import keras
 
+from keras_peft.core import training_build
 from keras_peft.core.paths import LayerIndex
-from keras_peft.core.report import Report
-from keras_peft.core.report import count_parameters
-from keras_peft.errors import KerasPeftWarning
-from keras_peft.errors import UnsavedAdapterError
+from keras_peft.core.report import Report, count_parameters
+from keras_peft.errors import KerasPeftWarning, UnsavedAdapterError
 from keras_peft.methods.base import Method
 
 _STATE_ATTRIBUTE = "_keras_peft_state"
@@ -81,10 +80,12 @@ def _check_not_trained(model, function_name):
     # updating frozen weights and torch follows the change. Refuse instead.
     if _optimizer_has_state(model):
         raise RuntimeError(
-            f"Model {model.name!r} has already been trained: its optimizer has "
-            "state for the current trainable variables, and Keras does not follow "
-            f"a change of them on every backend. Call model.compile(...) again with "
-            f"a new optimizer instance, then keras_peft.{function_name}(...), then fit."
+            f"Model {model.name!r} already has optimizer state for its current "
+            "trainable variables (Keras creates it in the first fit, evaluate, "
+            "train_on_batch or test_on_batch after compile), and Keras does not "
+            "follow a change of them on every backend. Call model.compile(...) "
+            f"again with a new optimizer instance, then keras_peft.{function_name}(...), "
+            "then fit."
         )
 
 
@@ -303,6 +304,7 @@ def apply_methods(model, methods, train_head, function_name):
 
     _set_state(model, state)
     _install_config_guards(model, state)
+    training_build.install(model)
     reset_compiled_functions(model)
     return summary(model)
 
@@ -319,6 +321,7 @@ def rollback(model, applications_before):
     if not state.applications:
         _restore_trainable_flags(state)
         _remove_config_guards(state)
+        training_build.uninstall(model)
         _set_state(model, None)
     else:
         _set_trainable_flags(model, state)
@@ -329,6 +332,7 @@ def rollback(model, applications_before):
 def _finish(model, state, action):
     _restore_trainable_flags(state)
     _remove_config_guards(state)
+    training_build.uninstall(model)
     _set_state(model, None)
     reset_compiled_functions(model)
     if _optimizer_has_state(model):

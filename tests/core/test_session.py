@@ -86,7 +86,7 @@ def test_trained_model_is_rejected_unchanged():
     x, y = classification_data()
     model.fit(x, y, epochs=1, verbose=0)
     before = model_state(model)
-    with pytest.raises(RuntimeError, match="has already been trained"):
+    with pytest.raises(RuntimeError, match="already has optimizer state"):
         keras_peft.apply(model, keras_peft.LoRA(rank=2))
     assert model_state(model) == before
 
