@@ -1,11 +1,21 @@
 """Resident memory after a few training steps of one configuration, in this process.
 
 Used to tell held activations from fixed costs: run it for two batch sizes
-and compare how the difference between two methods changes.
+and compare how the difference between two configurations changes.
 
     KERAS_BACKEND=tensorflow python benchmarks/memory_probe.py small lora --batch 8
     KERAS_BACKEND=tensorflow python benchmarks/memory_probe.py base lora --batch 4 \\
-        --jit-compile --build-optimizer
+        --fit-steps 2 --build-optimizer
+
+Besides the training configurations of `methods.py`, three probe-only
+configurations separate the parts of LoRA's cost:
+
+- `limit_every_block`: the limit, with the query and value biases of every
+  block trainable instead of the first block's only.
+- `lora_query`: keras_peft LoRA of rank 8 on the query projections only.
+- `lora_zero_update`: keras_peft LoRA on query and value whose layers add
+  0 × (sum of A + sum of B) to the base output, so the same variables train
+  but no low-rank product is computed.
 
 Run each configuration in a fresh process: peak memory never goes down.
 """
@@ -22,13 +32,48 @@ import methods  # noqa: E402
 import training  # noqa: E402
 import workloads  # noqa: E402
 
+PROBE_ONLY = ("limit_every_block", "lora_query", "lora_zero_update")
+
+
+def _zero_update_call(self, inputs, training=None):
+    from keras import ops
+
+    unused = ops.sum(self.lora_kernel_a) + ops.sum(self.lora_kernel_b)
+    return self.base_layer(inputs) + 0.0 * unused
+
+
+def apply_probe(model, name):
+    """Apply a training configuration of `methods.py` or one of `PROBE_ONLY`."""
+    import keras_peft
+
+    if name == "limit_every_block":
+        methods.apply_limit(model)
+        for block in model.backbone.transformer_layers:
+            attention = block._self_attention_layer
+            attention._query_dense.bias.trainable = True
+            attention._value_dense.bias.trainable = True
+    elif name == "lora_query":
+        keras_peft.apply(model, keras_peft.LoRA(rank=8, targets=["query"]))
+    elif name == "lora_zero_update":
+        from keras_peft.layers.lora_dense import LoRADense
+
+        # Only this process measures, so replacing the class's call is safe here.
+        LoRADense.call = _zero_update_call
+        keras_peft.apply(model, keras_peft.LoRA(rank=8, targets=["query", "value"]))
+    else:
+        methods.METHODS_BY_NAME[name].apply(model)
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workload", choices=workloads.WORKLOADS)
-    parser.add_argument("method", choices=sorted(methods.METHODS_BY_NAME))
+    parser.add_argument("method", choices=sorted(methods.METHODS_BY_NAME) + list(PROBE_ONLY))
     parser.add_argument("--batch", type=int, required=True, help="batch size")
     parser.add_argument("--steps", type=int, default=3, help="train_on_batch steps before measuring")
+    parser.add_argument("--fit-steps", type=int, default=0,
+                        help="run a fit of this many steps first, as the benchmark's training worker does")
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                        help="AdamW(1e-4) as in the benchmark, or plain SGD(1e-4) without optimizer state")
     parser.add_argument("--jit-compile", action="store_true", help="compile with jit_compile=True")
     parser.add_argument("--build-optimizer", action="store_true",
                         help="build the optimizer after compile instead of in the first trace")
@@ -39,15 +84,21 @@ def main(argv=None):
 
     model = workloads.build(args.workload)
     x, y, _ = workloads.training_batch(args.workload, args.batch)
-    methods.METHODS_BY_NAME[args.method].apply(model)
-    training._compile(model, args.workload, args.jit_compile)
+    apply_probe(model, args.method)
+    # Plain SGD keeps no state, which separates the optimizer's share of the memory.
+    optimizer = keras.optimizers.SGD(1e-4) if args.optimizer == "sgd" else None
+    training._compile(model, args.workload, args.jit_compile, optimizer=optimizer)
     if args.build_optimizer:
         model.optimizer.build(model.trainable_variables)
     sample_weight = np.ones(y.shape, "float32")
+    if args.fit_steps:
+        fit_x, fit_y, fit_weight = training._repeat_batch(x, y, sample_weight, args.fit_steps)
+        model.fit(fit_x, fit_y, sample_weight=fit_weight, batch_size=args.batch, epochs=1, shuffle=False, verbose=0)
     for _ in range(args.steps):
         model.train_on_batch(x, y, sample_weight=sample_weight)
     print(
         f"{keras.backend.backend()} {args.workload} {args.method} batch={args.batch} "
+        f"fit_steps={args.fit_steps} optimizer={args.optimizer} "
         f"jit_compile={args.jit_compile} build_optimizer={args.build_optimizer}: "
         f"RSS after {args.steps} steps {measure.current_rss_mb():.0f} MiB, "
         f"peak {measure.peak_rss_mb():.0f} MiB"

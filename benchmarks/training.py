@@ -7,12 +7,12 @@ import methods
 import workloads
 
 
-def _compile(model, workload, jit_compile):
+def _compile(model, workload, jit_compile, optimizer=None):
     import keras
 
     kwargs = {"weighted_metrics": []} if workloads.is_causal_lm(workload) else {"metrics": []}
     model.compile(
-        optimizer=keras.optimizers.AdamW(1e-4),
+        optimizer=optimizer or keras.optimizers.AdamW(1e-4),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=jit_compile,
         **kwargs,
