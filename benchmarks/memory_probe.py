@@ -77,7 +77,12 @@ def main(argv=None):
     parser.add_argument("--jit-compile", action="store_true", help="compile with jit_compile=True")
     parser.add_argument("--build-optimizer", action="store_true",
                         help="build the optimizer after compile instead of in the first trace")
+    parser.add_argument("--phases", action="store_true",
+                        help="TensorFlow only: trace tf.function(model.train_step) directly and report the "
+                             "graph's op count and the RSS after tracing, after the first step and after --steps")
     args = parser.parse_args(argv)
+    if args.phases and os.environ.get("KERAS_BACKEND") != "tensorflow":
+        parser.error("--phases needs KERAS_BACKEND=tensorflow")
 
     import keras
     import numpy as np
@@ -91,6 +96,9 @@ def main(argv=None):
     if args.build_optimizer:
         model.optimizer.build(model.trainable_variables)
     sample_weight = np.ones(y.shape, "float32")
+    if args.phases:
+        _report_phases(model, (x, y, sample_weight), args)
+        return
     if args.fit_steps:
         fit_x, fit_y, fit_weight = training._repeat_batch(x, y, sample_weight, args.fit_steps)
         model.fit(fit_x, fit_y, sample_weight=fit_weight, batch_size=args.batch, epochs=1, shuffle=False, verbose=0)
@@ -102,6 +110,28 @@ def main(argv=None):
         f"jit_compile={args.jit_compile} build_optimizer={args.build_optimizer}: "
         f"RSS after {args.steps} steps {measure.current_rss_mb():.0f} MiB, "
         f"peak {measure.peak_rss_mb():.0f} MiB"
+    )
+
+
+def _report_phases(model, data, args):
+    """Print the RSS after tracing the train step, after its first run and after `args.steps` runs."""
+    import tensorflow as tf
+
+    data = tf.nest.map_structure(tf.convert_to_tensor, data)
+    model.optimizer.build(model.trainable_variables)
+    before = measure.current_rss_mb()
+    step = tf.function(model.train_step)
+    graph = step.get_concrete_function(data).graph
+    traced = measure.current_rss_mb()
+    step(data)
+    first = measure.current_rss_mb()
+    for _ in range(args.steps - 1):
+        step(data)
+    print(
+        f"tensorflow {args.workload} {args.method} batch={args.batch} optimizer={args.optimizer}: "
+        f"{len(graph.get_operations())} ops in the step's graph; RSS before tracing {before:.0f} MiB, "
+        f"traced {traced:.0f} MiB, after the first step {first:.0f} MiB, "
+        f"after {args.steps} steps {measure.current_rss_mb():.0f} MiB"
     )
 
 
