@@ -81,11 +81,13 @@ def main(argv=None):
                         help="TensorFlow only: trace tf.function(model.train_step) directly and report the "
                              "graph's op count and the RSS after tracing, after the first step and after --steps")
     args = parser.parse_args(argv)
-    if args.phases and os.environ.get("KERAS_BACKEND") != "tensorflow":
-        parser.error("--phases needs KERAS_BACKEND=tensorflow")
 
     import keras
     import numpy as np
+
+    if args.phases and keras.backend.backend() != "tensorflow":
+        parser.error(f"--phases needs the TensorFlow backend, but Keras uses {keras.backend.backend()!r}. "
+                     "Set KERAS_BACKEND=tensorflow.")
 
     model = workloads.build(args.workload)
     x, y, _ = workloads.training_batch(args.workload, args.batch)

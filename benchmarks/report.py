@@ -150,15 +150,15 @@ def jit_label(result):
 
 
 def optimizer_setting(settings):
-    """Describe when the optimizer was built; older result files use `build_optimizer`."""
+    """Describe when the optimizer was built. Older result files use `build_optimizer`."""
     baseline = settings.get("baseline_optimizer")
-    if baseline == "built":
+    if baseline in ("built", "lazy"):
+        baselines = {
+            "built": "call `model.optimizer.build(model.trainable_variables)` after `compile`.",
+            "lazy": "keep Keras' default.",
+        }[baseline]
         return ("keras_peft methods leave it to keras_peft, which builds the training state before the "
-                "first trace on TensorFlow; the configurations without keras_peft call "
-                "`model.optimizer.build(model.trainable_variables)` after `compile`.")
-    if baseline == "lazy":
-        return ("keras_peft methods leave it to keras_peft, which builds the training state before the "
-                "first trace on TensorFlow; the configurations without keras_peft keep Keras' default.")
+                "first trace on TensorFlow. The configurations without keras_peft " + baselines)
     if settings.get("build_optimizer"):
         return "built with `model.optimizer.build(model.trainable_variables)` after `compile`."
     return "built by Keras during the first `fit`."
@@ -397,8 +397,8 @@ def targets(data):
 def trace_targets(runs):
     """Rows of the target "`fit` with jit_compile=True traces the step once".
 
-    The target is about keras_peft's methods; the configurations without
-    keras_peft are not rows, and full fine-tuning's count is shown beside each.
+    The target is about keras_peft's methods, so the configurations without
+    keras_peft are not rows. Full fine-tuning's count is shown beside each.
     """
     rows = []
     for (workload, variant, method), rounds in sorted(runs.items(), key=lambda x: (x[0][0], variant_order(x[0][1]))):

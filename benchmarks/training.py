@@ -50,8 +50,8 @@ def _build_optimizer_first(config, method):
     Keras' TensorFlow trainer otherwise creates the optimizer's variables
     inside the first trace of the step, and tf.function traces it again.
     keras_peft builds the training state itself before that trace, so its
-    methods are left to it; the baselines make the equivalent public call
-    unless Keras' defaults were asked for.
+    methods are left to it. The baselines make the equivalent public call
+    unless `--baseline-optimizer lazy` requested Keras' default.
     """
     if isinstance(method, methods.PeftMethod):
         return False

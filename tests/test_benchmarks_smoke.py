@@ -101,7 +101,7 @@ def test_harness_end_to_end():
     assert "## Failed configurations" not in text
 
 
-def test_only_baselines_build_their_optimizer_after_compile():
+def test_baselines_build_optimizer_first():
     _, lora = _train("lora", baseline_optimizer="built")
     _, limit = _train("limit", baseline_optimizer="built")
     _, lazy_limit = _train("limit", baseline_optimizer="lazy")
@@ -111,7 +111,7 @@ def test_only_baselines_build_their_optimizer_after_compile():
     assert not lazy_limit["optimizer_built_after_compile"]
 
 
-def test_trace_target_rows_are_keras_peft_methods():
+def test_trace_rows_list_peft_methods():
     def traced(count):
         return {0: {"jit_compile": True, "train_step_calls_in_fit": count, "fit_steps": 3}}
 

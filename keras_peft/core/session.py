@@ -12,8 +12,10 @@ import keras
 
 from keras_peft.core import training_build
 from keras_peft.core.paths import LayerIndex
-from keras_peft.core.report import Report, count_parameters
-from keras_peft.errors import KerasPeftWarning, UnsavedAdapterError
+from keras_peft.core.report import Report
+from keras_peft.core.report import count_parameters
+from keras_peft.errors import KerasPeftWarning
+from keras_peft.errors import UnsavedAdapterError
 from keras_peft.methods.base import Method
 
 _STATE_ATTRIBUTE = "_keras_peft_state"
@@ -319,21 +321,23 @@ def rollback(model, applications_before):
             edit.undo()
     del state.applications[applications_before:]
     if not state.applications:
-        _restore_trainable_flags(state)
-        _remove_config_guards(state)
-        training_build.uninstall(model)
-        _set_state(model, None)
+        _detach(model, state)
     else:
         _set_trainable_flags(model, state)
         _install_config_guards(model, state)
     reset_compiled_functions(model)
 
 
-def _finish(model, state, action):
+def _detach(model, state):
+    """Restore the trainable flags and remove everything keras_peft set on the model."""
     _restore_trainable_flags(state)
     _remove_config_guards(state)
     training_build.uninstall(model)
     _set_state(model, None)
+
+
+def _finish(model, state, action):
+    _detach(model, state)
     reset_compiled_functions(model)
     if _optimizer_has_state(model):
         model.compiled = False

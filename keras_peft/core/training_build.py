@@ -6,8 +6,7 @@ metrics and optimizer from symbolic inputs. Keras 3.15's TensorFlow trainer
 does this only under a distribution strategy. Otherwise those variables are
 created inside the first trace of the step, and `tf.function` traces the step
 a second time. The second trace costs compile time and, for an adapted model,
-tens of MiB that stay allocated (docs/benchmarks.md, "Why TensorFlow traces
-twice").
+tens of MiB that stay allocated (docs/benchmarks.md, "Earlier runs").
 
 `install(model)` makes the TensorFlow trainer of `model` build that state
 first, as the other trainers do. keras_peft installs it on every model it
@@ -32,8 +31,11 @@ def _needs_data(model):
 
 
 def _first_batch(iterator):
-    # Keras' TensorFlow epoch iterator yields (first step, last step, batches).
-    # The trainer resets it after this hook, so taking a batch skips nothing.
+    """Return the first batch of Keras' TensorFlow epoch iterator, or `None`.
+
+    The iterator yields (first step, last step, batches). The trainer resets
+    it after this hook, so taking a batch here skips nothing in training.
+    """
     for _, _, batches in iterator:
         return next(batches)
     return None
@@ -65,13 +67,12 @@ def install(model):
     if not (hasattr(model, _HOOK) and hasattr(model, "_symbolic_build")):
         return
     own = vars(model).get(_HOOK)
+    keras_hook = own if own is not None else getattr(model, _HOOK)
 
     def maybe_symbolic_build(iterator=None, data_batch=None):
         if model._distribute_strategy is not None:
             # Keras builds everything itself under a distribution strategy.
-            if own is not None:
-                return own(iterator=iterator, data_batch=data_batch)
-            return type(model)._maybe_symbolic_build(model, iterator=iterator, data_batch=data_batch)
+            return keras_hook(iterator=iterator, data_batch=data_batch)
         build_before_trace(model, iterator=iterator, data_batch=data_batch)
 
     object.__setattr__(model, _RECORD, {"own": own})

@@ -29,7 +29,7 @@ def compile_with_metrics(model, jit_compile="auto"):
 
 
 def record_train_steps(model):
-    """Wrap `model.train_step` to record, per Python call, whether the state was built."""
+    """Wrap `model.train_step` to record, per Python call, whether the optimizer was built."""
     calls = []
     train_step = model.train_step
 
@@ -47,11 +47,17 @@ def training_data(batches=3, batch_size=2, seed=0):
     return x, y
 
 
-@TRACED
-def test_fit_traces_step_once_with_metrics():
+def recorded_classifier(jit_compile="auto"):
+    """Return an adapted, compiled classifier and the list its train_step calls append to."""
     classifier = adapted_classifier()
     calls = record_train_steps(classifier)
-    compile_with_metrics(classifier, jit_compile=True)
+    compile_with_metrics(classifier, jit_compile=jit_compile)
+    return classifier, calls
+
+
+@TRACED
+def test_fit_traces_step_once_with_metrics():
+    classifier, calls = recorded_classifier(jit_compile=True)
     x, y = training_data(batches=3)
 
     classifier.fit(x, y, batch_size=2, epochs=2, verbose=0)
@@ -60,9 +66,7 @@ def test_fit_traces_step_once_with_metrics():
 
 
 def test_optimizer_built_before_first_step():
-    classifier = adapted_classifier()
-    calls = record_train_steps(classifier)
-    compile_with_metrics(classifier)
+    classifier, calls = recorded_classifier()
     x, y = training_data(batches=2)
 
     classifier.fit(x, y, batch_size=2, epochs=1, verbose=0)
@@ -86,9 +90,7 @@ def test_fit_sees_every_batch():
 
 @TRACED
 def test_evaluate_then_fit_traces_once():
-    classifier = adapted_classifier()
-    calls = record_train_steps(classifier)
-    compile_with_metrics(classifier, jit_compile=True)
+    classifier, calls = recorded_classifier(jit_compile=True)
     x, y = training_data(batches=2)
 
     before = classifier.evaluate(x, y, batch_size=2, verbose=0, return_dict=True)
@@ -100,9 +102,7 @@ def test_evaluate_then_fit_traces_once():
 
 
 def test_train_on_batch_builds_then_trains():
-    classifier = adapted_classifier()
-    calls = record_train_steps(classifier)
-    compile_with_metrics(classifier)
+    classifier, calls = recorded_classifier()
     x, y = training_data(batches=1)
     lora_b = next(v for v in classifier.trainable_variables if v.path.endswith("lora_kernel_b"))
     start = keras.ops.convert_to_numpy(lora_b).copy()
