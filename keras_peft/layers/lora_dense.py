@@ -246,14 +246,13 @@ class LoRADense(keras.layers.Layer):
         # After `merge` the kernel already contains the update, so it is scaled by 0.
         scale = ops.cast(self.scaling * (1.0 - self.lora_merged), self.compute_dtype)
         if flat:
-            contracted_axes = 1 if self._plan is None else len(self._plan["a_axes"])
-            if contracted_axes > 1:
-                input_size = self.lora_kernel_a.shape[0]
-                x = ops.reshape(x, tuple(ops.shape(x)[:-contracted_axes]) + (input_size,))
+            # Fold every leading axis into one, so both products are 2-D matmuls.
+            # On TensorFlow a 3-D × 2-D matmul becomes a tensordot whose training
+            # graph has twice the ops, and each op of a traced step costs memory.
+            x = ops.reshape(x, (-1, self.lora_kernel_a.shape[0]))
             low = ops.matmul(x, a)
             delta = ops.matmul(low * scale, b)
-            if self._plan is not None:
-                delta = ops.reshape(delta, ops.shape(outputs))
+            delta = ops.reshape(delta, ops.shape(outputs))
         else:
             low = ops.einsum(self._plan["down"], x, a)
             delta = ops.einsum(self._plan["up"], low * scale, b)

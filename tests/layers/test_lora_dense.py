@@ -73,6 +73,21 @@ def test_dense_matches_numpy_reference():
     np.testing.assert_allclose(to_numpy(layer(x)), expected, atol=ATOL)
 
 
+def test_dense_on_sequences_in_compiled_predict():
+    # predict compiles the call. The second input shape makes TensorFlow retrace
+    # with unknown batch and sequence sizes, so the reshapes see dynamic shapes.
+    base = dense_base()
+    layer = LoRADense(base, rank=3, alpha=6)
+    randomize(layer)
+    inputs = keras.Input((None, 5))
+    model = keras.Model(inputs, layer(inputs))
+    arrays = [to_numpy(v) for v in (base.kernel, base.bias, layer.lora_kernel_a, layer.lora_kernel_b)]
+    for seed, shape in ((4, (3, 7, 5)), (5, (2, 4, 5))):
+        x = np.random.default_rng(seed).normal(size=shape).astype("float32")
+        expected = reference_dense(x, *arrays, scaling=6 / 3)
+        np.testing.assert_allclose(model.predict(x, batch_size=shape[0], verbose=0), expected, atol=ATOL)
+
+
 def test_einsum_matches_numpy_reference():
     base = einsum_base()
     layer = LoRADense(base, rank=2, alpha=2)
