@@ -5,16 +5,20 @@ and renders the report from their results. Nothing here checks a time:
 the harness only has to run end to end and count parameters correctly.
 """
 
+import argparse
 import pathlib
 import sys
 
 import keras
+import numpy as np
 import pytest
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import allocation_sites  # noqa: E402
 import inference  # noqa: E402
+import memory_probe  # noqa: E402
 import report  # noqa: E402
 import training  # noqa: E402
 import workloads  # noqa: E402
@@ -145,3 +149,35 @@ def test_write_docs_keeps_text_outside_markers(tmp_path, existing):
     if existing is not None:
         assert text.startswith("intro\n\n")
         assert text.endswith("\n\nanalysis\n")
+
+
+def test_memory_probe_prepares_and_trains():
+    parser = argparse.ArgumentParser()
+    memory_probe.add_arguments(parser)
+    args = parser.parse_args(["tiny", "lora", "--batch", "2", "--fit-steps", "1", "--steps", "1"])
+    model, (x, y, sample_weight) = memory_probe.prepare(args)
+    before = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+
+    memory_probe.train(model, (x, y, sample_weight), args)
+
+    after = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 2
+    assert any(not np.array_equal(old, new) for old, new in zip(before, after))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallinfo2 is part of glibc")
+def test_heap_in_use_is_positive_on_linux():
+    assert memory_probe.heap_in_use_mb() > 0
+
+
+def test_allocation_site_skips_allocator_frames():
+    stack = [
+        ("malloc", "libc.so.6", 0),
+        ("operator new(unsigned long)", "libstdc++.so.6", 0),
+        ("std::vector<int>::_M_realloc_insert", "vector.tcc", 0),
+        ("tensorflow::ShapeRefiner::AddNode(tensorflow::Node const*)", "shape_refiner.cc", 0),
+        ("tensorflow::GraphConstructor::Convert()", "graph_constructor.cc", 0),
+    ]
+
+    assert allocation_sites.allocation_site(stack) == "tensorflow::ShapeRefiner::AddNode(tensorflow::Node const*)"
+    assert allocation_sites.allocation_site(stack[:2]) == "(allocator only)"
