@@ -16,7 +16,7 @@ memray runs on Linux and macOS; it is part of the `benchmarks` extra there.
     python benchmarks/allocation_sites.py compare /tmp/limit.bin /tmp/lora.bin
 
 The model is built, adapted and compiled before tracking starts, so the
-recording holds what training adds: traced graphs, compiled kernels,
+recording contains what training adds: traced graphs, compiled kernels,
 optimizer updates and the tensors still alive after the last step.
 """
 
@@ -28,6 +28,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import cli  # noqa: E402
 import measure  # noqa: E402
 import memory_probe  # noqa: E402
 
@@ -107,14 +108,14 @@ def main(argv=None):
     compare_parser = commands.add_parser("compare", help="compare two captures by allocation site")
     compare_parser.add_argument("first", help="capture of the reference configuration")
     compare_parser.add_argument("second", help="capture of the configuration to explain")
-    compare_parser.add_argument("--top", type=int, default=25, help="number of sites to print")
+    compare_parser.add_argument("--top", type=cli.int_at_least(1), default=25, help="number of sites to print")
     args = parser.parse_args(argv)
 
-    memray = _import_memray(parser)
     if args.command == "compare":
         for path in (args.first, args.second):
             if not os.path.isfile(path):
                 parser.error(f"capture file not found: {path!r}. Write it with the `record` command first.")
+    memray = _import_memray(parser)
     if args.command == "record":
         record(args, memray)
     else:

@@ -33,6 +33,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import cli  # noqa: E402
 import measure  # noqa: E402
 import methods  # noqa: E402
 import training  # noqa: E402
@@ -74,9 +75,9 @@ def add_arguments(parser):
     """Add the arguments that choose and train one configuration."""
     parser.add_argument("workload", choices=workloads.WORKLOADS)
     parser.add_argument("method", choices=sorted(methods.METHODS_BY_NAME) + list(PROBE_ONLY))
-    parser.add_argument("--batch", type=int, required=True, help="batch size")
-    parser.add_argument("--steps", type=int, default=3, help="train_on_batch steps before measuring")
-    parser.add_argument("--fit-steps", type=int, default=0,
+    parser.add_argument("--batch", type=cli.int_at_least(1), required=True, help="batch size")
+    parser.add_argument("--steps", type=cli.int_at_least(0), default=3, help="train_on_batch steps before measuring")
+    parser.add_argument("--fit-steps", type=cli.int_at_least(0), default=0,
                         help="run a fit of this many steps first, as the benchmark's training worker does")
     parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
                         help="AdamW(1e-4) as in the benchmark, or plain SGD(1e-4) without optimizer state")

@@ -18,6 +18,8 @@ import os
 import statistics
 import time
 
+import cli
+
 
 def median_seconds(function, arguments, calls):
     function(*arguments).block_until_ready()
@@ -31,14 +33,11 @@ def median_seconds(function, arguments, calls):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, required=True, help="tokens in the batch (batch size × sequence)")
-    parser.add_argument("--width", type=int, required=True, help="input and output size of the projection")
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
-    parser.add_argument("--calls", type=int, default=200, help="timed calls per computation (default 200)")
+    parser.add_argument("--tokens", type=cli.int_at_least(1), required=True, help="tokens in the batch (batch size × sequence)")
+    parser.add_argument("--width", type=cli.int_at_least(1), required=True, help="input and output size of the projection")
+    parser.add_argument("--rank", type=cli.int_at_least(1), default=8, help="LoRA rank (default 8)")
+    parser.add_argument("--calls", type=cli.int_at_least(1), default=200, help="timed calls per computation (default 200)")
     args = parser.parse_args(argv)
-    for name in ("tokens", "width", "rank", "calls"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1. Received: {getattr(args, name)}")
 
     flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()

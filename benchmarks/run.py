@@ -28,6 +28,7 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import cli  # noqa: E402
 import methods  # noqa: E402
 import report  # noqa: E402
 import workloads  # noqa: E402
@@ -73,16 +74,16 @@ def parse_args(argv):
                         help=f"training configurations (default: every available one of {[m.name for m in methods.METHODS]})")
     parser.add_argument("--methods-for", action="append", default=[], metavar="SIZE=M1,M2",
                         help="restrict one workload to some training configurations, e.g. base=full,lora,limit (repeatable)")
-    parser.add_argument("--rounds", type=int, default=None, help="override the rounds of every workload")
-    parser.add_argument("--steps", type=int, default=None, help="override the timed steps of every workload")
-    parser.add_argument("--infer-rounds", type=int, default=None,
+    parser.add_argument("--rounds", type=cli.int_at_least(1), default=None, help="override the rounds of every workload")
+    parser.add_argument("--steps", type=cli.int_at_least(1), default=None, help="override the timed steps of every workload")
+    parser.add_argument("--infer-rounds", type=cli.int_at_least(1), default=None,
                         help="override the alternating forward/generate rounds of every workload")
     parser.add_argument("--baseline-optimizer", choices=("built", "lazy"), default="built",
                         help="'built' (default): the configurations without keras_peft call "
                              "model.optimizer.build(model.trainable_variables) after compile, as keras_peft "
                              "does for its methods on TensorFlow; 'lazy': they keep Keras' default, which on "
                              "TensorFlow builds the optimizer inside the first trace of the step")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=cli.int_at_least(1), default=None,
                         help="CPU threads per backend (sets OMP, MKL, XLA and TensorFlow thread counts); "
                              "default: each backend's own default")
     parser.add_argument("--no-inference", action="store_true", help="skip forward and generate timings")

@@ -17,9 +17,12 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import allocation_sites  # noqa: E402
+import cli  # noqa: E402
 import inference  # noqa: E402
 import memory_probe  # noqa: E402
+import rank_products  # noqa: E402
 import report  # noqa: E402
+import run  # noqa: E402
 import training  # noqa: E402
 import workloads  # noqa: E402
 
@@ -181,3 +184,41 @@ def test_allocation_site_skips_allocator_frames():
 
     assert allocation_sites.allocation_site(stack) == "tensorflow::ShapeRefiner::AddNode(tensorflow::Node const*)"
     assert allocation_sites.allocation_site(stack[:2]) == "(allocator only)"
+
+
+def test_int_at_least_accepts_and_rejects():
+    parse = cli.int_at_least(1)
+
+    assert parse("3") == 3
+    assert parse("1") == 1
+    with pytest.raises(argparse.ArgumentTypeError, match="must be at least 1, received 0"):
+        parse("0")
+    with pytest.raises(argparse.ArgumentTypeError, match="expected an integer, received 'x'"):
+        parse("x")
+
+
+@pytest.mark.parametrize(
+    "main,argv,message",
+    [
+        (memory_probe.main, ["tiny", "lora", "--batch", "0"], "--batch: must be at least 1"),
+        (memory_probe.main, ["tiny", "lora", "--batch", "2", "--steps", "-1"], "--steps: must be at least 0"),
+        (rank_products.main, ["--tokens", "0", "--width", "8"], "--tokens: must be at least 1"),
+        (run.main, ["--rounds", "0"], "--rounds: must be at least 1"),
+        (allocation_sites.main, ["compare", "a.bin", "b.bin", "--top", "0"], "--top: must be at least 1"),
+    ],
+)
+def test_scripts_reject_bad_counts(main, argv, message, capsys):
+    with pytest.raises(SystemExit) as error:
+        main(argv)
+
+    assert error.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_compare_rejects_missing_capture(tmp_path, capsys):
+    missing = str(tmp_path / "missing.bin")
+
+    with pytest.raises(SystemExit):
+        allocation_sites.main(["compare", missing, missing])
+
+    assert f"capture file not found: {missing!r}" in capsys.readouterr().err
