@@ -1,4 +1,4 @@
-"""Where two training configurations keep native memory, by allocation site.
+"""Native memory that two training configurations keep, compared by allocation site.
 
 `record` trains one configuration as `memory_probe.py` does and tracks the
 training with memray, native stacks included. `compare` reads two captures

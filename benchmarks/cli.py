@@ -15,5 +15,4 @@ def int_at_least(minimum):
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, received {value}")
         return value
 
-    parse.__name__ = f"integer >= {minimum}"
     return parse

@@ -17,8 +17,8 @@ configurations separate the parts of LoRA's cost:
   0 × (sum of A + sum of B) to the base output, so the same variables train
   but no low-rank product is computed.
 
-`--breakdown` also prints glibc's heap in use and the memory of Python
-objects, to separate native bookkeeping from tensors and Python objects.
+`--breakdown` also prints glibc's heap in use, which is mostly native
+bookkeeping such as graphs and kernels, and the memory of Python objects.
 With `TF_CPU_ALLOCATOR_USE_BFC=true` on TensorFlow it adds the current and
 peak memory of TensorFlow's tensors.
 `allocation_sites.py` lists the native allocation sites themselves.
@@ -141,11 +141,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.add_argument("--phases", action="store_true",
-                        help="TensorFlow only: trace tf.function(model.train_step) directly, with an unknown batch "
-                             "size as in fit, and report the graph's op count and the RSS after tracing, after the first step and after --steps")
+                        help="TensorFlow only: trace tf.function(model.train_step) directly, with an unknown "
+                             "batch size as in fit, and report the graph's op count and the RSS after tracing, "
+                             "after the first step and after --steps")
     parser.add_argument("--breakdown", action="store_true",
-                        help="also report glibc's heap in use and the memory of Python objects (tracemalloc, "
-                             "which makes the run slower)")
+                        help="also report glibc's heap in use, the memory of Python objects (tracemalloc, "
+                             "which makes the run slower) and, with TF_CPU_ALLOCATOR_USE_BFC=true, TensorFlow's "
+                             "tensors")
     args = parser.parse_args(argv)
 
     import tracemalloc

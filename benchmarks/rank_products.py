@@ -15,28 +15,27 @@ It needs JAX, and sets XLA to one thread before JAX starts.
 
 import argparse
 import os
-import statistics
-import time
 
 import cli
+import measure
 
 
 def median_seconds(function, arguments, calls):
+    """Return the median wall time of `calls` calls of the compiled JAX `function`, after one warm-up call."""
     function(*arguments).block_until_ready()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        function(*arguments).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    wall, _ = measure.time_calls(lambda: function(*arguments).block_until_ready(), calls)
+    return measure.median(wall)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=cli.int_at_least(1), required=True, help="tokens in the batch (batch size × sequence)")
-    parser.add_argument("--width", type=cli.int_at_least(1), required=True, help="input and output size of the projection")
+    parser.add_argument("--tokens", type=cli.int_at_least(1), required=True,
+                        help="tokens in the batch (batch size × sequence length)")
+    parser.add_argument("--width", type=cli.int_at_least(1), required=True,
+                        help="input and output size of the projection")
     parser.add_argument("--rank", type=cli.int_at_least(1), default=8, help="LoRA rank (default 8)")
-    parser.add_argument("--calls", type=cli.int_at_least(1), default=200, help="timed calls per computation (default 200)")
+    parser.add_argument("--calls", type=cli.int_at_least(1), default=200,
+                        help="timed calls per computation (default 200)")
     args = parser.parse_args(argv)
 
     flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"

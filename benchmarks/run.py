@@ -74,8 +74,10 @@ def parse_args(argv):
                         help=f"training configurations (default: every available one of {[m.name for m in methods.METHODS]})")
     parser.add_argument("--methods-for", action="append", default=[], metavar="SIZE=M1,M2",
                         help="restrict one workload to some training configurations, e.g. base=full,lora,limit (repeatable)")
-    parser.add_argument("--rounds", type=cli.int_at_least(1), default=None, help="override the rounds of every workload")
-    parser.add_argument("--steps", type=cli.int_at_least(1), default=None, help="override the timed steps of every workload")
+    parser.add_argument("--rounds", type=cli.int_at_least(1), default=None,
+                        help="override the rounds of every workload")
+    parser.add_argument("--steps", type=cli.int_at_least(1), default=None,
+                        help="override the timed steps of every workload")
     parser.add_argument("--infer-rounds", type=cli.int_at_least(1), default=None,
                         help="override the alternating forward/generate rounds of every workload")
     parser.add_argument("--baseline-optimizer", choices=("built", "lazy"), default="built",

@@ -248,7 +248,7 @@ class LoRADense(keras.layers.Layer):
         if flat:
             # Fold every leading axis into one, so both products are 2-D matmuls.
             # On TensorFlow a 3-D × 2-D matmul becomes a tensordot whose training
-            # graph has twice the ops, and each op of a traced step costs memory.
+            # graph has about twice the ops, and each op of a traced step costs memory.
             x = ops.reshape(x, (-1, self.lora_kernel_a.shape[0]))
             low = ops.matmul(x, a)
             delta = ops.matmul(low * scale, b)
